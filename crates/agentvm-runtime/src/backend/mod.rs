@@ -1,0 +1,149 @@
+//! Hypervisor backends. A [`Backend`] launches [`Machine`]s; callers (the
+//! [`Vm`](crate::vm::Vm) handle, the pool) only use these traits, so QEMU,
+//! libvirt and a mock are interchangeable.
+
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::spec::VmSpec;
+
+pub mod qemu;
+
+/// The byte stream of a VM's control channel.
+pub trait ChannelStream: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> ChannelStream for T {}
+
+/// A boxed control channel stream.
+pub type BoxedChannel = Pin<Box<dyn ChannelStream>>;
+
+/// Why a backend operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// A program the backend needs is not installed.
+    #[error("{program} not found: {hint}")]
+    MissingProgram {
+        /// The program.
+        program: String,
+        /// What to do about it.
+        hint: String,
+    },
+    /// The guest image is missing or incomplete.
+    #[error("guest image {name:?} not found at {path}: build it with `cargo xtask build-image`")]
+    MissingImage {
+        /// Image name.
+        name: String,
+        /// Where it was looked for.
+        path: PathBuf,
+    },
+    /// The hypervisor process could not be started.
+    #[error("failed to start {what}: {source}")]
+    Spawn {
+        /// What was being started.
+        what: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The VM died (QEMU exited, guest kernel panicked and the VM stopped).
+    #[error("VM {vm} crashed: {reason}\n--- last serial console lines ---\n{serial_tail}")]
+    Crashed {
+        /// VM id.
+        vm: String,
+        /// What was observed.
+        reason: String,
+        /// The end of the serial console log.
+        serial_tail: String,
+    },
+    /// The hypervisor's control interface (QMP, libvirt API) reported an error.
+    #[error("VM {vm}: {operation} failed: {message}")]
+    Control {
+        /// VM id.
+        vm: String,
+        /// The operation.
+        operation: String,
+        /// What the hypervisor said.
+        message: String,
+    },
+    /// An operation did not finish in time.
+    #[error("VM {vm}: {operation} did not finish within {after:?}")]
+    Timeout {
+        /// VM id.
+        vm: String,
+        /// The operation.
+        operation: String,
+        /// The deadline.
+        after: Duration,
+    },
+    /// Filesystem or socket I/O on the host failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Launches VMs.
+#[async_trait]
+pub trait Backend: Send + Sync + 'static {
+    /// Short name for logs and reports (`qemu`, `libvirt`, `mock`).
+    fn name(&self) -> &'static str;
+
+    /// Starts a VM from `spec`. Returns once the hypervisor runs the guest and
+    /// the host end of the control channel can be connected; it does not wait
+    /// for the guest agent (the caller waits for its Hello).
+    async fn launch(&self, spec: &VmSpec) -> Result<Box<dyn Machine>, BackendError>;
+}
+
+/// One running VM, at the hypervisor level.
+#[async_trait]
+pub trait Machine: Send + Sync {
+    /// Unique id (also used in file names and logs).
+    fn id(&self) -> &str;
+
+    /// Opens the host end of the control channel. May be called again after
+    /// the stream broke (e.g. a backend whose revert restarts the hypervisor).
+    async fn connect_channel(&mut self) -> Result<BoxedChannel, BackendError>;
+
+    /// Takes the golden snapshot (memory + disk) of the running VM.
+    async fn snapshot_golden(&mut self) -> Result<(), BackendError>;
+
+    /// Restores the golden snapshot. Afterwards the guest runs from the instant
+    /// of the snapshot; bytes in flight on the channel are garbage and the
+    /// caller must resynchronise. Returns whether the channel stream must be
+    /// reconnected (the old one is dead).
+    async fn revert_golden(&mut self) -> Result<RevertOutcome, BackendError>;
+
+    /// Pauses the vCPUs.
+    async fn pause(&mut self) -> Result<(), BackendError>;
+
+    /// Resumes the vCPUs.
+    async fn resume(&mut self) -> Result<(), BackendError>;
+
+    /// `Err(Crashed)` when the VM is no longer running (process gone, guest panicked).
+    async fn check_alive(&mut self) -> Result<(), BackendError>;
+
+    /// Stops the VM at once and removes its temporary files. Idempotent.
+    async fn destroy(&mut self) -> Result<(), BackendError>;
+
+    /// The last `lines` lines of the serial console log.
+    fn serial_tail(&self, lines: usize) -> String;
+
+    /// Path of the serial console log, for artifacts.
+    fn serial_log_path(&self) -> Option<PathBuf>;
+}
+
+/// What a revert did to the control channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RevertOutcome {
+    /// The stream survived; resynchronise it.
+    ChannelKept,
+    /// The stream is dead; call [`Machine::connect_channel`] again.
+    ChannelReset,
+}

@@ -1,0 +1,1 @@
+//! QEMU backend (being built).

@@ -1,0 +1,367 @@
+//! The messages that travel in frames, and their bodies.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::frame::FrameError;
+
+macro_rules! messages {
+    ($( $(#[$doc:meta])* $kind:literal => $variant:ident($body:ty), )*) => {
+        /// Every message of the protocol. The kind byte of each variant is
+        /// fixed forever within a protocol version.
+        #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+        pub enum Message {
+            $( $(#[$doc])* $variant($body), )*
+        }
+
+        impl Message {
+            /// The kind byte written into the frame header.
+            pub fn kind(&self) -> u8 {
+                match self { $( Self::$variant(_) => $kind, )* }
+            }
+
+            /// Human-readable name of the message kind.
+            pub fn kind_name(&self) -> &'static str {
+                match self { $( Self::$variant(_) => stringify!($variant), )* }
+            }
+
+            /// Name of a kind byte, if this build knows it.
+            pub fn name_of_kind(kind: u8) -> Option<&'static str> {
+                match kind { $( $kind => Some(stringify!($variant)), )* _ => None }
+            }
+
+            pub(crate) fn encode_payload<W: std::io::Write>(&self, out: W) -> Result<(), postcard::Error> {
+                match self { $( Self::$variant(body) => postcard::to_io(body, out).map(drop), )* }
+            }
+
+            pub(crate) fn decode_payload(kind: u8, request_id: u64, payload: &[u8]) -> Result<Self, FrameError> {
+                match kind {
+                    $( $kind => decode_body::<$body>(stringify!($variant), request_id, payload).map(Self::$variant), )*
+                    _ => Err(FrameError::UnknownKind { kind, request_id }),
+                }
+            }
+        }
+    };
+}
+
+/// Decodes a body and insists that it fills the payload exactly.
+fn decode_body<'a, T: Deserialize<'a>>(
+    kind_name: &'static str,
+    request_id: u64,
+    payload: &'a [u8],
+) -> Result<T, FrameError> {
+    let payload_error = |source| FrameError::Payload {
+        kind_name,
+        request_id,
+        source,
+    };
+    let (body, rest) = postcard::take_from_bytes(payload).map_err(payload_error)?;
+    if rest.is_empty() {
+        Ok(body)
+    } else {
+        Err(payload_error(postcard::Error::DeserializeBadEncoding))
+    }
+}
+
+messages! {
+    /// First message each way after connecting: versions and capabilities.
+    1 => Hello(Hello),
+    /// Liveness probe; also used to resynchronise the stream after a revert.
+    2 => Ping(Ping),
+    /// Answer to [`Message::Ping`], echoing its nonce.
+    3 => Pong(Pong),
+    /// Run a command in the guest. Answered by [`Message::Output`] chunks and one [`Message::Exit`].
+    4 => Exec(ExecRequest),
+    /// A chunk of a running command's stdout or stderr.
+    5 => Output(OutputChunk),
+    /// A command finished (or was killed).
+    6 => Exit(ExitReport),
+    /// One chunk of a file written into the guest. Answered by [`Message::Ok`] after the last chunk.
+    7 => PutFile(PutFileChunk),
+    /// Read a file from the guest. Answered by [`Message::FileData`] chunks.
+    8 => GetFile(GetFileRequest),
+    /// One chunk of a file read from the guest.
+    9 => FileData(FileDataChunk),
+    /// List workspace changes since the baseline. Answered by [`Message::Changes`].
+    10 => ListChanges(ListChangesRequest),
+    /// The workspace changes since the baseline.
+    11 => Changes(ChangeList),
+    /// Record the current workspace as the baseline for [`Message::ListChanges`]. Answered by [`Message::Ok`].
+    12 => ResetBaseline(ResetBaselineRequest),
+    /// Signal a running command's whole process tree. Answered by [`Message::Ok`].
+    13 => Kill(KillRequest),
+    /// Stop the guest agent (and power the VM off when asked). Answered by [`Message::Ok`].
+    14 => Shutdown(ShutdownRequest),
+    /// Generic success answer.
+    15 => Ok(Ack),
+    /// A request failed.
+    16 => Error(ErrorReply),
+}
+
+/// Versions and capabilities, sent by each side on connect.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// The frame protocol version the sender speaks.
+    pub protocol_version: u8,
+    /// Name and version of the sending software, e.g. `agentvm-guest 0.1.0`.
+    pub software: String,
+    /// Optional features the sender supports (e.g. `"exec"`, `"files"`, `"changes"`).
+    pub capabilities: Vec<String>,
+    /// Guest only: absolute path of the workspace root in the guest.
+    pub workspace_root: Option<String>,
+    /// Guest only: kernel release (`uname -r`), if known.
+    pub kernel: Option<String>,
+}
+
+/// Liveness probe carrying a nonce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ping {
+    /// Value echoed back in the [`Pong`].
+    pub nonce: u64,
+}
+
+/// Answer to a [`Ping`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pong {
+    /// The nonce of the ping answered.
+    pub nonce: u64,
+}
+
+/// A command to run in the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecRequest {
+    /// Program and arguments; `argv[0]` is looked up in `PATH`.
+    pub argv: Vec<String>,
+    /// Environment variables set for the command (on top of the inherited
+    /// environment unless `clear_env`).
+    pub env: Vec<(String, String)>,
+    /// Start from an empty environment instead of the guest agent's.
+    pub clear_env: bool,
+    /// Working directory; relative paths are under the workspace root. `None`: the workspace root.
+    pub cwd: Option<String>,
+    /// Bytes written to the command's stdin, which is then closed.
+    pub stdin: Vec<u8>,
+    /// Kill the process tree after this long.
+    pub timeout: Option<Duration>,
+    /// How long to wait between SIGTERM and SIGKILL when killing on timeout.
+    pub kill_grace: Duration,
+    /// Most bytes of each of stdout and stderr captured; the rest is read and
+    /// dropped and the exit report says so.
+    pub output_limit: u64,
+}
+
+/// Which output stream a chunk came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum OutputStream {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+}
+
+/// A chunk of output of a running command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputChunk {
+    /// Which stream.
+    pub stream: OutputStream,
+    /// The bytes.
+    pub data: Vec<u8>,
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ExitStatus {
+    /// It exited with this code.
+    Code(i32),
+    /// It was killed by this signal.
+    Signal(i32),
+}
+
+/// Resources a command's process tree used, where the guest could measure them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResourceUsage {
+    /// Peak resident set size of the largest process in the tree, in bytes.
+    pub peak_rss_bytes: Option<u64>,
+    /// CPU time spent in user mode by the tree.
+    pub user_cpu: Option<Duration>,
+    /// CPU time spent in the kernel by the tree.
+    pub system_cpu: Option<Duration>,
+}
+
+/// The end of a command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitReport {
+    /// Exit code or signal of the command's main process.
+    pub status: ExitStatus,
+    /// The timeout expired and the tree was killed.
+    pub timed_out: bool,
+    /// Wall time from spawn to exit.
+    pub duration: Duration,
+    /// Resource use of the process tree.
+    pub resources: ResourceUsage,
+    /// Total bytes the command wrote to stdout (captured or not).
+    pub stdout_bytes: u64,
+    /// Total bytes the command wrote to stderr (captured or not).
+    pub stderr_bytes: u64,
+    /// Stdout went over the output limit; only the first `output_limit` bytes were sent.
+    pub stdout_truncated: bool,
+    /// Stderr went over the output limit; only the first `output_limit` bytes were sent.
+    pub stderr_truncated: bool,
+}
+
+/// One chunk of a file being written into the guest. All chunks of one file
+/// share a request id and arrive in order; the first has offset 0.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PutFileChunk {
+    /// Destination path; relative paths are under the workspace root.
+    pub path: String,
+    /// Permission bits of the file (e.g. `0o755`).
+    pub mode: u32,
+    /// Offset of `data` in the file.
+    pub offset: u64,
+    /// The bytes (at most [`FILE_CHUNK_LEN`](super::FILE_CHUNK_LEN)).
+    pub data: Vec<u8>,
+    /// This is the last chunk: the file is complete.
+    pub last: bool,
+}
+
+/// Read a file from the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GetFileRequest {
+    /// Path; relative paths are under the workspace root.
+    pub path: String,
+}
+
+/// One chunk of a file read from the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileDataChunk {
+    /// Permission bits of the file.
+    pub mode: u32,
+    /// Size of the whole file.
+    pub total_size: u64,
+    /// Offset of `data` in the file.
+    pub offset: u64,
+    /// The bytes.
+    pub data: Vec<u8>,
+    /// This is the last chunk.
+    pub last: bool,
+}
+
+/// Ask for the workspace changes since the baseline.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListChangesRequest {
+    /// Include the text of small UTF-8 files (before and after) in the answer.
+    pub include_text: bool,
+}
+
+/// Record the current workspace as the new baseline.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResetBaselineRequest {}
+
+/// What kind of filesystem object an entry is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FileKind {
+    /// A regular file.
+    File,
+    /// A directory.
+    Dir,
+    /// A symbolic link.
+    Symlink,
+    /// Anything else (fifo, socket, device).
+    Other,
+}
+
+/// State of one workspace entry at one point in time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileState {
+    /// What it is.
+    pub kind: FileKind,
+    /// Size in bytes (regular files; 0 otherwise).
+    pub size: u64,
+    /// Permission bits.
+    pub mode: u32,
+    /// Lowercase hex SHA-256 of the content (regular files), or of the link target (symlinks).
+    pub sha256: Option<String>,
+    /// The content, for small UTF-8 text files when asked for.
+    pub text: Option<String>,
+}
+
+/// How a workspace entry changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ChangeKind {
+    /// It did not exist in the baseline.
+    Created,
+    /// It exists in both, with different content, kind or mode.
+    Modified,
+    /// It existed in the baseline and is gone.
+    Deleted,
+}
+
+/// One changed workspace entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileChange {
+    /// Path relative to the workspace root, with `/` separators.
+    pub path: String,
+    /// How it changed.
+    pub change: ChangeKind,
+    /// State in the baseline (`None` when created).
+    pub before: Option<FileState>,
+    /// Current state (`None` when deleted).
+    pub after: Option<FileState>,
+}
+
+/// The workspace changes since the baseline, sorted by path.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangeList {
+    /// The changes.
+    pub changes: Vec<FileChange>,
+}
+
+/// Signal the process tree of a running command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KillRequest {
+    /// Request id of the [`Message::Exec`] whose tree to signal.
+    pub target: u64,
+    /// Signal number; `None`: SIGKILL.
+    pub signal: Option<i32>,
+}
+
+/// Stop the guest agent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShutdownRequest {
+    /// Power the VM off after stopping (only meaningful when the agent is PID 1).
+    pub poweroff: bool,
+}
+
+/// Generic success.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ack {}
+
+/// Why a request failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorKind {
+    /// The request was malformed or made no sense (e.g. empty argv).
+    BadRequest,
+    /// A path resolved outside the roots the guest agent serves.
+    PathOutsideWorkspace,
+    /// A file or a target request does not exist.
+    NotFound,
+    /// A filesystem or process operation failed.
+    Io,
+    /// The command could not be started.
+    SpawnFailed,
+    /// A frame from the host could not be decoded.
+    Protocol,
+    /// The request kind is not supported by this guest.
+    Unsupported,
+}
+
+/// A failed request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorReply {
+    /// Category of failure.
+    pub kind: ErrorKind,
+    /// Human-readable detail.
+    pub message: String,
+}

@@ -1,0 +1,2 @@
+//! `cargo xtask`: project automation (guest image, set-up, benchmarks).
+fn main() {}
