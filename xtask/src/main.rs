@@ -1,2 +1,74 @@
 //! `cargo xtask`: project automation (guest image, set-up, benchmarks).
-fn main() {}
+
+mod image;
+mod tasks;
+mod util;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", about = "agentvm project automation")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Build the guest image (kernel + initramfs) into target/agentvm/images/<name>/.
+    BuildImage(image::BuildImageArgs),
+    /// Install missing system packages (QEMU, busybox-static) and build the guest image.
+    Setup(tasks::SetupArgs),
+    /// Set up, then run every test of the workspace (extra args go to `cargo test`).
+    Test {
+        /// Arguments passed to `cargo test --workspace`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Set up, then run the example agent suite in real VMs.
+    Demo {
+        /// Arguments passed to the suite's test binary.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let res = match Cli::parse().command {
+        Command::BuildImage(args) => image::run(args),
+        Command::Setup(args) => tasks::setup(&args),
+        Command::Test { args } => tasks::test(&args),
+        Command::Demo { args } => tasks::demo(&args),
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // The cause chain, not a backtrace: these errors say what to do.
+            eprintln!("error: {e}");
+            for cause in e.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from(["xtask", "build-image", "--name", "x", "--force"]).unwrap();
+        let Command::BuildImage(a) = cli.command else {
+            panic!("parsed as build-image")
+        };
+        assert_eq!(a.name, "x");
+        assert!(a.force);
+        assert_eq!(a.kernel_package, "linux-image-cloud-amd64");
+    }
+}

@@ -17,6 +17,14 @@ pub mod client;
 #[cfg(feature = "host")]
 pub mod backend;
 #[cfg(feature = "host")]
+pub mod command;
+#[cfg(feature = "host")]
+pub mod config;
+#[cfg(feature = "host")]
+pub mod image;
+#[cfg(feature = "host")]
+pub mod pool;
+#[cfg(feature = "host")]
 pub mod spec;
 #[cfg(feature = "host")]
 pub mod vm;

@@ -6,10 +6,11 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 /// Named resource profiles from the original specification, plus custom sizes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ResourceProfile {
     /// The smallest VM that runs the minimal image well: 1 vCPU, 256 MiB. The default.
+    #[default]
     Minimal,
     /// 1 vCPU, 1024 MiB.
     Light,
@@ -57,12 +58,6 @@ impl ResourceProfile {
             "intensive" => Some(Self::Intensive),
             _ => None,
         }
-    }
-}
-
-impl Default for ResourceProfile {
-    fn default() -> Self {
-        Self::Minimal
     }
 }
 

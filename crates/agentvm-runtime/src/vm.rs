@@ -1,7 +1,378 @@
-//! A booted VM with a connected guest agent: the handle tests use.
+//! [`Vm`]: a booted VM with a connected guest agent — the handle tests use.
+//!
+//! Lifecycle: [`Vm::boot`] (launch → wait for the guest's Hello → golden
+//! snapshot) → commands and files → [`Vm::revert`] (back to the golden
+//! snapshot, channel resynchronised) → … → [`Vm::destroy`].
 
-/// A running VM whose guest agent is connected and ready (placeholder; being built).
-#[derive(Debug)]
+use std::time::{Duration, Instant};
+
+use crate::backend::{Backend, BackendError, Machine, RevertOutcome};
+use crate::client::{ClientError, ExecOutput, ExecStream, GuestClient, ResyncStats};
+use crate::command::Command;
+use crate::protocol::{FileChange, Hello};
+use crate::spec::VmSpec;
+
+/// Lines of serial console put into crash and boot errors.
+pub const SERIAL_TAIL_LINES: usize = 40;
+/// How long a resynchronisation after a revert may take.
+pub const RESYNC_TIMEOUT: Duration = Duration::from_secs(10);
+/// Extra time the host grants the guest beyond a command's own timeout
+/// before it declares the guest hung.
+pub const HOST_EXEC_SLACK: Duration = Duration::from_secs(30);
+
+/// Why an operation on a VM failed.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// The hypervisor backend failed (includes crashes, with the serial tail).
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    /// The guest agent answered with an error or broke the protocol.
+    #[error("VM {vm}: {source}")]
+    Guest {
+        /// VM id.
+        vm: String,
+        /// The client error.
+        #[source]
+        source: ClientError,
+    },
+    /// The guest agent did not say Hello in time.
+    #[error("VM {vm} did not boot within {after:?} (no Hello from the guest agent)\n--- last serial console lines ---\n{serial_tail}")]
+    BootTimeout {
+        /// VM id.
+        vm: String,
+        /// The deadline.
+        after: Duration,
+        /// The end of the serial console log.
+        serial_tail: String,
+    },
+    /// The guest stopped answering (the VM is alive but hung).
+    #[error("VM {vm}: guest agent stopped answering during {operation} (waited {after:?})\n--- last serial console lines ---\n{serial_tail}")]
+    Hung {
+        /// VM id.
+        vm: String,
+        /// What was being done.
+        operation: String,
+        /// How long was waited.
+        after: Duration,
+        /// The end of the serial console log.
+        serial_tail: String,
+    },
+}
+
+impl VmError {
+    /// Whether the VM is broken (crashed, hung, channel gone) and must be
+    /// destroyed rather than reused.
+    pub fn vm_is_broken(&self) -> bool {
+        match self {
+            Self::Guest { source, .. } => matches!(
+                source,
+                ClientError::Closed { .. } | ClientError::Protocol(_) | ClientError::Timeout { .. }
+            ),
+            _ => true,
+        }
+    }
+
+    /// The guest's own error, when the guest answered a request with one.
+    pub fn guest_error(&self) -> Option<&ClientError> {
+        match self {
+            Self::Guest { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+/// Timings of a VM's boot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BootTimings {
+    /// Launch of the hypervisor until the guest agent's Hello.
+    pub to_hello: Duration,
+    /// Taking the golden snapshot.
+    pub snapshot: Duration,
+}
+
+/// Timings of one revert.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RevertTimings {
+    /// Restoring the golden snapshot in the hypervisor.
+    pub restore: Duration,
+    /// Resynchronising the control channel.
+    pub resync: ResyncStats,
+    /// Both.
+    pub total: Duration,
+}
+
+/// A running VM whose guest agent is connected and ready.
 pub struct Vm {
-    _private: (),
+    machine: Box<dyn Machine>,
+    client: GuestClient,
+    spec: VmSpec,
+    boot: BootTimings,
+    created: Instant,
+    reverts: u64,
+}
+
+impl std::fmt::Debug for Vm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vm")
+            .field("id", &self.machine.id())
+            .field("reverts", &self.reverts)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Vm {
+    /// Launches a VM from `spec`, waits for its guest agent and takes the
+    /// golden snapshot every later [`Vm::revert`] returns to. A VM that
+    /// crashes or hangs while booting is destroyed and the error carries the
+    /// end of its serial console log.
+    pub async fn boot(backend: &dyn Backend, spec: VmSpec) -> Result<Self, VmError> {
+        let started = Instant::now();
+        let mut machine = backend.launch(&spec).await?;
+        match Self::handshake(&mut machine, &spec, started).await {
+            Ok((client, to_hello)) => {
+                let snapshot_start = Instant::now();
+                if let Err(e) = machine.snapshot_golden().await {
+                    let _ = machine.destroy().await;
+                    return Err(e.into());
+                }
+                let boot = BootTimings {
+                    to_hello,
+                    snapshot: snapshot_start.elapsed(),
+                };
+                tracing::info!(vm = machine.id(), ?boot, "VM ready");
+                Ok(Self {
+                    machine,
+                    client,
+                    spec,
+                    boot,
+                    created: Instant::now(),
+                    reverts: 0,
+                })
+            }
+            Err(e) => {
+                let _ = machine.destroy().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Connects the channel and waits for the Hello while watching for a crash.
+    async fn handshake(
+        machine: &mut Box<dyn Machine>,
+        spec: &VmSpec,
+        started: Instant,
+    ) -> Result<(GuestClient, Duration), VmError> {
+        let deadline = started + spec.boot_timeout;
+        let stream = machine.connect_channel().await?;
+        let hello = GuestClient::connect(stream, spec.boot_timeout);
+        tokio::pin!(hello);
+        let mut watch = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            tokio::select! {
+                result = &mut hello => {
+                    return match result {
+                        Ok(client) => Ok((client, started.elapsed())),
+                        Err(ClientError::Timeout { .. }) => Err(VmError::BootTimeout {
+                            vm: machine.id().to_string(),
+                            after: spec.boot_timeout,
+                            serial_tail: machine.serial_tail(SERIAL_TAIL_LINES),
+                        }),
+                        Err(source) => {
+                            machine.check_alive().await?;
+                            Err(VmError::Guest { vm: machine.id().to_string(), source })
+                        }
+                    };
+                }
+                _ = watch.tick() => {
+                    machine.check_alive().await?;
+                    if Instant::now() > deadline + Duration::from_secs(1) {
+                        return Err(VmError::BootTimeout {
+                            vm: machine.id().to_string(),
+                            after: spec.boot_timeout,
+                            serial_tail: machine.serial_tail(SERIAL_TAIL_LINES),
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    /// The VM's unique id.
+    pub fn id(&self) -> &str {
+        self.machine.id()
+    }
+
+    /// The spec it was launched from.
+    pub fn spec(&self) -> &VmSpec {
+        &self.spec
+    }
+
+    /// How long its boot took.
+    pub fn boot_timings(&self) -> BootTimings {
+        self.boot
+    }
+
+    /// Time since the VM became ready.
+    pub fn age(&self) -> Duration {
+        self.created.elapsed()
+    }
+
+    /// How many times it was reverted.
+    pub fn revert_count(&self) -> u64 {
+        self.reverts
+    }
+
+    /// The guest agent's Hello.
+    pub fn guest_info(&self) -> &Hello {
+        self.client.guest_hello()
+    }
+
+    /// The control channel client, for operations this handle does not wrap.
+    pub fn client(&self) -> &GuestClient {
+        &self.client
+    }
+
+    /// The last lines of the serial console.
+    pub fn serial_tail(&self, lines: usize) -> String {
+        self.machine.serial_tail(lines)
+    }
+
+    /// Path of the serial console log.
+    pub fn serial_log_path(&self) -> Option<std::path::PathBuf> {
+        self.machine.serial_log_path()
+    }
+
+    /// Runs a command to completion and returns its output and exit report.
+    pub async fn exec(&mut self, command: Command) -> Result<ExecOutput, VmError> {
+        let budget = command
+            .get_timeout()
+            .unwrap_or(Duration::from_secs(24 * 3600))
+            + HOST_EXEC_SLACK;
+        let request = command.into_request();
+        let result = tokio::time::timeout(budget, self.client.exec_collect(request)).await;
+        match result {
+            Ok(output) => self.guest_result(output).await,
+            Err(_) => Err(self.hung("exec", budget)),
+        }
+    }
+
+    /// Starts a command and streams its events.
+    pub async fn spawn(&mut self, command: Command) -> Result<ExecStream, VmError> {
+        let result = self.client.exec(command.into_request()).await;
+        self.guest_result(result).await
+    }
+
+    /// Writes a file in the guest (relative paths are under the workspace).
+    pub async fn write_file(&mut self, path: &str, data: &[u8], mode: u32) -> Result<(), VmError> {
+        let result = self.client.put_file(path, data, mode).await;
+        self.guest_result(result).await
+    }
+
+    /// Reads a file from the guest; returns content and permission bits.
+    pub async fn read_file(&mut self, path: &str) -> Result<(Vec<u8>, u32), VmError> {
+        let result = self.client.get_file(path).await;
+        self.guest_result(result).await
+    }
+
+    /// Workspace changes since the baseline.
+    pub async fn workspace_changes(
+        &mut self,
+        include_text: bool,
+    ) -> Result<Vec<FileChange>, VmError> {
+        let result = self.client.list_changes(include_text).await;
+        self.guest_result(result).await
+    }
+
+    /// Makes the current workspace the baseline for [`Vm::workspace_changes`].
+    pub async fn reset_workspace_baseline(&mut self) -> Result<(), VmError> {
+        let result = self.client.reset_baseline().await;
+        self.guest_result(result).await
+    }
+
+    /// Round trip of a ping over the control channel (a health check).
+    pub async fn ping(&mut self) -> Result<Duration, VmError> {
+        let result = tokio::time::timeout(Duration::from_secs(5), self.client.ping()).await;
+        match result {
+            Ok(rtt) => self.guest_result(rtt).await,
+            Err(_) => Err(self.hung("ping", Duration::from_secs(5))),
+        }
+    }
+
+    /// Pauses the VM's vCPUs.
+    pub async fn pause(&mut self) -> Result<(), VmError> {
+        Ok(self.machine.pause().await?)
+    }
+
+    /// Resumes the VM's vCPUs.
+    pub async fn resume(&mut self) -> Result<(), VmError> {
+        Ok(self.machine.resume().await?)
+    }
+
+    /// Restores the golden snapshot and resynchronises the control channel:
+    /// afterwards the VM is exactly as it was right after boot.
+    pub async fn revert(&mut self) -> Result<RevertTimings, VmError> {
+        let start = Instant::now();
+        let outcome = self.machine.revert_golden().await?;
+        let restore = start.elapsed();
+        if outcome == RevertOutcome::ChannelReset {
+            let stream = self.machine.connect_channel().await?;
+            self.client = GuestClient::attach(stream, self.client.guest_hello().clone());
+        }
+        let resync = match self.client.resync(RESYNC_TIMEOUT).await {
+            Ok(stats) => stats,
+            Err(source) => {
+                self.machine.check_alive().await?;
+                return Err(VmError::Guest {
+                    vm: self.id().to_string(),
+                    source,
+                });
+            }
+        };
+        self.reverts += 1;
+        Ok(RevertTimings {
+            restore,
+            resync,
+            total: start.elapsed(),
+        })
+    }
+
+    /// Checks that the VM runs and its agent answers.
+    pub async fn health_check(&mut self) -> Result<(), VmError> {
+        self.machine.check_alive().await?;
+        self.ping().await.map(drop)
+    }
+
+    /// Stops the VM and removes its files.
+    pub async fn destroy(mut self) -> Result<(), VmError> {
+        Ok(self.machine.destroy().await?)
+    }
+
+    /// Maps a client error to a [`VmError`], turning a dead channel into the
+    /// crash that caused it when the machine is gone.
+    async fn guest_result<T>(&mut self, result: Result<T, ClientError>) -> Result<T, VmError> {
+        match result {
+            Ok(value) => Ok(value),
+            Err(source) => {
+                if matches!(
+                    source,
+                    ClientError::Closed { .. } | ClientError::Protocol(_)
+                ) {
+                    self.machine.check_alive().await?;
+                }
+                Err(VmError::Guest {
+                    vm: self.id().to_string(),
+                    source,
+                })
+            }
+        }
+    }
+
+    fn hung(&self, operation: &str, after: Duration) -> VmError {
+        VmError::Hung {
+            vm: self.id().to_string(),
+            operation: operation.to_string(),
+            after,
+            serial_tail: self.machine.serial_tail(SERIAL_TAIL_LINES),
+        }
+    }
 }

@@ -11,6 +11,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::spec::VmSpec;
 
+pub mod mock;
 pub mod qemu;
 
 /// The byte stream of a VM's control channel.

@@ -1,9 +1,11 @@
 //! Async framing over any tokio byte stream.
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::frame::{decode_frame, encode_frame, skip_to_next_magic, Frame, FrameError};
+use super::frame::{
+    decode_frame, encode_frame, find_later_valid_frame, skip_to_next_magic, Frame, FrameError,
+};
 use super::message::Message;
 
 /// [`tokio_util::codec`] adapter, for use with `Framed`/`FramedRead`/`FramedWrite`.
@@ -31,7 +33,11 @@ impl tokio_util::codec::Decoder for FrameCodec {
 impl tokio_util::codec::Encoder<(u64, Message)> for FrameCodec {
     type Error = FrameError;
 
-    fn encode(&mut self, (request_id, message): (u64, Message), dst: &mut BytesMut) -> Result<(), FrameError> {
+    fn encode(
+        &mut self,
+        (request_id, message): (u64, Message),
+        dst: &mut BytesMut,
+    ) -> Result<(), FrameError> {
         encode_frame(request_id, &message, dst)
     }
 }
@@ -67,6 +73,7 @@ pub struct FrameReader<R> {
     inner: R,
     buf: BytesMut,
     resync: bool,
+    hunting: bool,
     skipped: u64,
 }
 
@@ -77,6 +84,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             inner,
             buf: BytesMut::with_capacity(64 * 1024),
             resync: false,
+            hunting: false,
             skipped: 0,
         }
     }
@@ -85,6 +93,16 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// to the next frame magic and counts the dropped bytes.
     pub fn set_resync(&mut self, on: bool) {
         self.resync = on;
+    }
+
+    /// While hunting (only meaningful in resync mode), a partial frame that
+    /// waits for more bytes is abandoned as soon as a complete, CRC-valid frame
+    /// starts later in the buffer: a stale header left by a revert may claim
+    /// bytes that will never come. Only for a reader that waits for one known
+    /// answer (the host after a revert): in normal traffic a frame's payload
+    /// may itself contain a valid frame.
+    pub fn set_hunting(&mut self, on: bool) {
+        self.hunting = on;
     }
 
     /// Bytes dropped as garbage so far.
@@ -108,6 +126,13 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         loop {
             match decode_frame(&mut self.buf) {
                 Ok(Some(frame)) => return Ok(Some(frame)),
+                Ok(None) if self.resync && self.hunting && self.buf.len() >= super::HEADER_LEN => {
+                    if let Some(start) = find_later_valid_frame(&self.buf) {
+                        self.skipped += start as u64;
+                        self.buf.advance(start);
+                        continue;
+                    }
+                }
                 Ok(None) => {}
                 Err(e) if e.is_frame_local() => return Err(e),
                 Err(_) if self.resync => {

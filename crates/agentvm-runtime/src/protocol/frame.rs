@@ -115,7 +115,11 @@ impl FrameError {
 }
 
 /// Appends one frame carrying `message` for `request_id` to `dst`.
-pub fn encode_frame(request_id: u64, message: &Message, dst: &mut BytesMut) -> Result<(), FrameError> {
+pub fn encode_frame(
+    request_id: u64,
+    message: &Message,
+    dst: &mut BytesMut,
+) -> Result<(), FrameError> {
     let start = dst.len();
     dst.reserve(HEADER_LEN);
     dst.put_slice(&MAGIC);
@@ -173,7 +177,8 @@ pub fn decode_frame(src: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
         });
     }
     let frame_bytes = src.split_to(total);
-    let message = Message::decode_payload(header.kind, header.request_id, &frame_bytes[HEADER_LEN..])?;
+    let message =
+        Message::decode_payload(header.kind, header.request_id, &frame_bytes[HEADER_LEN..])?;
     Ok(Some(Frame {
         request_id: header.request_id,
         message,
@@ -198,12 +203,30 @@ pub fn skip_to_next_magic(src: &mut BytesMut) -> usize {
                 .rev()
                 .find(|&k| src.len() > k && src[src.len() - k..] == MAGIC[..k])
                 .unwrap_or(0);
-            src.len().saturating_sub(keep).max(usize::from(!src.is_empty()))
+            src.len()
+                .saturating_sub(keep)
+                .max(usize::from(!src.is_empty()))
         }
     };
     let drop = drop.min(src.len());
     src.advance(drop);
     drop
+}
+
+/// Position of the first complete, CRC-valid frame that starts after the front
+/// of `src`, if any. In resync mode this finds a good frame hidden behind a
+/// partial one whose header claims more bytes than will ever arrive.
+pub fn find_later_valid_frame(src: &[u8]) -> Option<usize> {
+    (1..src.len().saturating_sub(HEADER_LEN - 1))
+        .filter(|&p| src[p..p + MAGIC.len()] == MAGIC)
+        .find(|&p| match peek_header(&src[p..]) {
+            Ok(Some(header)) => {
+                let end = p + HEADER_LEN + header.payload_len;
+                end <= src.len()
+                    && frame_crc(&src[p..p + CRC_OFFSET], &src[p + HEADER_LEN..end]) == header.crc
+            }
+            _ => false,
+        })
 }
 
 struct Header {

@@ -141,6 +141,7 @@ pub struct ExecRequest {
     /// Working directory; relative paths are under the workspace root. `None`: the workspace root.
     pub cwd: Option<String>,
     /// Bytes written to the command's stdin, which is then closed.
+    #[serde(with = "serde_bytes")]
     pub stdin: Vec<u8>,
     /// Kill the process tree after this long.
     pub timeout: Option<Duration>,
@@ -166,6 +167,7 @@ pub struct OutputChunk {
     /// Which stream.
     pub stream: OutputStream,
     /// The bytes.
+    #[serde(with = "serde_bytes")]
     pub data: Vec<u8>,
 }
 
@@ -221,6 +223,7 @@ pub struct PutFileChunk {
     /// Offset of `data` in the file.
     pub offset: u64,
     /// The bytes (at most [`FILE_CHUNK_LEN`](super::FILE_CHUNK_LEN)).
+    #[serde(with = "serde_bytes")]
     pub data: Vec<u8>,
     /// This is the last chunk: the file is complete.
     pub last: bool,
@@ -243,6 +246,7 @@ pub struct FileDataChunk {
     /// Offset of `data` in the file.
     pub offset: u64,
     /// The bytes.
+    #[serde(with = "serde_bytes")]
     pub data: Vec<u8>,
     /// This is the last chunk.
     pub last: bool,

@@ -27,7 +27,7 @@ mod message;
 
 pub use codec::{FrameCodec, FrameReader, FrameWriter};
 pub use frame::{
-    decode_frame, encode_frame, skip_to_next_magic, Frame, FrameError, FILE_CHUNK_LEN, HEADER_LEN,
-    MAGIC, MAX_PAYLOAD_LEN, PROTOCOL_VERSION,
+    decode_frame, encode_frame, find_later_valid_frame, skip_to_next_magic, Frame, FrameError,
+    FILE_CHUNK_LEN, HEADER_LEN, MAGIC, MAX_PAYLOAD_LEN, PROTOCOL_VERSION,
 };
 pub use message::*;

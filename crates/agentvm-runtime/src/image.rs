@@ -1,0 +1,224 @@
+//! Finding a guest image built by `cargo xtask build-image`.
+//!
+//! An image `<name>` lives in `<images_dir>/<name>/`: `vmlinuz`,
+//! `initramfs.cpio.gz` and `manifest.json`. The builder writes the manifest
+//! last, so a directory with a manifest holds a complete image. From the
+//! manifest this module reads the kernel command line (`"cmdline"`) and,
+//! when present, the file names of the kernel and initramfs
+//! (`"vmlinuz": {"file": ...}`, `"initramfs": {"file": ...}`); every other
+//! field is ignored.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::backend::BackendError;
+use crate::config::is_valid_image_name;
+use crate::spec::ImagePaths;
+
+/// File name of an image's manifest.
+pub const MANIFEST_FILE: &str = "manifest.json";
+/// Default file name of the kernel in an image directory.
+pub const KERNEL_FILE: &str = "vmlinuz";
+/// Default file name of the initramfs in an image directory.
+pub const INITRAMFS_FILE: &str = "initramfs.cpio.gz";
+
+#[derive(Debug, Deserialize)]
+struct Manifest {
+    cmdline: String,
+    #[serde(default)]
+    vmlinuz: Option<FileRef>,
+    #[serde(default)]
+    initramfs: Option<FileRef>,
+}
+
+#[derive(Debug, Deserialize)]
+struct FileRef {
+    file: String,
+}
+
+/// The command that builds image `name`.
+pub fn build_command(name: &str) -> String {
+    if name == "default" {
+        "cargo xtask build-image".to_string()
+    } else {
+        format!("cargo xtask build-image --name {name}")
+    }
+}
+
+/// Finds image `name` under `images_dir` and reads its manifest.
+///
+/// A missing image directory, manifest, kernel or initramfs is
+/// [`BackendError::MissingImage`], whose message says to run
+/// `cargo xtask build-image`. A manifest that cannot be parsed, or an invalid
+/// image name, is [`BackendError::Io`] (its message says to rebuild too).
+pub fn locate_image(name: &str, images_dir: &Path) -> Result<ImagePaths, BackendError> {
+    if !is_valid_image_name(name) {
+        return Err(BackendError::Io {
+            context: format!(
+                "invalid guest image name {name:?} (use ASCII letters, digits, '.', '_', '-')"
+            ),
+            source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
+        });
+    }
+    let dir = images_dir.join(name);
+    let manifest_path = dir.join(MANIFEST_FILE);
+    let missing = |path: PathBuf| BackendError::MissingImage {
+        name: name.to_string(),
+        path,
+    };
+    let text = match std::fs::read_to_string(&manifest_path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(missing(manifest_path)),
+        Err(source) => {
+            return Err(BackendError::Io {
+                context: format!(
+                    "cannot read guest image manifest {}",
+                    manifest_path.display()
+                ),
+                source,
+            })
+        }
+    };
+    let manifest: Manifest = serde_json::from_str(&text).map_err(|e| BackendError::Io {
+        context: format!(
+            "invalid guest image manifest {} (rebuild the image with `{}`)",
+            manifest_path.display(),
+            build_command(name)
+        ),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+    })?;
+    let file = |entry: Option<FileRef>, default: &str| -> Result<PathBuf, BackendError> {
+        let file_name = entry.map_or_else(|| default.to_string(), |f| f.file);
+        // The manifest is written by our builder, but keep it inside the image dir.
+        let plain = Path::new(&file_name)
+            .file_name()
+            .is_some_and(|n| n == file_name.as_str());
+        if !plain {
+            return Err(BackendError::Io {
+                context: format!(
+                    "guest image manifest {} names a file outside the image: {file_name:?}",
+                    manifest_path.display()
+                ),
+                source: std::io::Error::from(std::io::ErrorKind::InvalidData),
+            });
+        }
+        let path = dir.join(&file_name);
+        if path.is_file() {
+            Ok(path)
+        } else {
+            Err(missing(path))
+        }
+    };
+    let kernel = file(manifest.vmlinuz, KERNEL_FILE)?;
+    let initramfs = file(manifest.initramfs, INITRAMFS_FILE)?;
+    Ok(ImagePaths {
+        name: name.to_string(),
+        kernel,
+        initramfs,
+        cmdline: manifest.cmdline,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(tag: &str) -> Self {
+            let dir = std::env::temp_dir()
+                .join(format!("agentvm-image-test-{tag}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            Self(dir)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn write_image(images: &Path, name: &str, manifest: &str) -> PathBuf {
+        let dir = images.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(KERNEL_FILE), b"kernel").unwrap();
+        std::fs::write(dir.join(INITRAMFS_FILE), b"initramfs").unwrap();
+        std::fs::write(dir.join(MANIFEST_FILE), manifest).unwrap();
+        dir
+    }
+
+    #[test]
+    fn finds_a_complete_image() {
+        let tmp = TempDir::new("ok");
+        let dir = write_image(
+            &tmp.0,
+            "default",
+            r#"{"name": "default", "cmdline": "console=ttyS0 panic=1", "vmlinuz": {"file": "vmlinuz", "size": 6}, "other": [1, 2]}"#,
+        );
+        let image = locate_image("default", &tmp.0).unwrap();
+        assert_eq!(
+            image,
+            ImagePaths {
+                name: "default".into(),
+                kernel: dir.join("vmlinuz"),
+                initramfs: dir.join("initramfs.cpio.gz"),
+                cmdline: "console=ttyS0 panic=1".into(),
+            }
+        );
+    }
+
+    #[test]
+    fn missing_image_says_how_to_build_it() {
+        let tmp = TempDir::new("missing");
+        let e = locate_image("default", &tmp.0).unwrap_err();
+        assert!(matches!(e, BackendError::MissingImage { .. }), "{e:?}");
+        let msg = e.to_string();
+        assert!(msg.contains("cargo xtask build-image"), "{msg}");
+        assert!(
+            msg.contains(&tmp.0.join("default/manifest.json").display().to_string()),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn missing_kernel_is_a_missing_image() {
+        let tmp = TempDir::new("nokernel");
+        let dir = write_image(&tmp.0, "x", r#"{"cmdline": ""}"#);
+        std::fs::remove_file(dir.join(KERNEL_FILE)).unwrap();
+        let e = locate_image("x", &tmp.0).unwrap_err();
+        assert!(
+            matches!(&e, BackendError::MissingImage { path, .. } if path == &dir.join(KERNEL_FILE)),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn bad_manifests_and_names() {
+        let tmp = TempDir::new("bad");
+        write_image(&tmp.0, "nocmd", r#"{"name": "nocmd"}"#);
+        let e = locate_image("nocmd", &tmp.0).unwrap_err().to_string();
+        assert!(
+            e.contains("invalid guest image manifest") && e.contains("build-image --name nocmd"),
+            "{e}"
+        );
+        write_image(
+            &tmp.0,
+            "escape",
+            r#"{"cmdline": "", "vmlinuz": {"file": "../../etc/passwd"}}"#,
+        );
+        let e = locate_image("escape", &tmp.0).unwrap_err().to_string();
+        assert!(e.contains("outside the image"), "{e}");
+        let e = locate_image("../x", &tmp.0).unwrap_err().to_string();
+        assert!(e.contains("invalid guest image name"), "{e}");
+    }
+
+    #[test]
+    fn build_commands() {
+        assert_eq!(build_command("default"), "cargo xtask build-image");
+        assert_eq!(build_command("rich"), "cargo xtask build-image --name rich");
+    }
+}

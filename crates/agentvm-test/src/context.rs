@@ -1,0 +1,45 @@
+//! The harness's per-test context: what `run_agent` records for the test's
+//! artifacts, and the configured default timeout.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::redact::Secrets;
+use crate::run::AgentRun;
+
+/// What one test recorded.
+#[derive(Debug)]
+pub(crate) struct TestContext {
+    /// Default agent timeout (the configured exec timeout).
+    pub exec_timeout: Duration,
+    /// Every agent run of the test, in order.
+    pub runs: Vec<AgentRun>,
+    /// Every secret the test's agents used.
+    pub secrets: Secrets,
+}
+
+pub(crate) type SharedContext = Arc<Mutex<TestContext>>;
+
+tokio::task_local! {
+    static CONTEXT: SharedContext;
+}
+
+impl TestContext {
+    pub(crate) fn new(exec_timeout: Duration) -> SharedContext {
+        Arc::new(Mutex::new(Self {
+            exec_timeout,
+            runs: Vec::new(),
+            secrets: Secrets::new(),
+        }))
+    }
+}
+
+/// The context of the test running in this task, if under the harness.
+pub(crate) fn current() -> Option<SharedContext> {
+    CONTEXT.try_with(Arc::clone).ok()
+}
+
+/// Runs `future` with `context` as the current test's context.
+pub(crate) async fn scope<F: std::future::Future>(context: SharedContext, future: F) -> F::Output {
+    CONTEXT.scope(context, future).await
+}

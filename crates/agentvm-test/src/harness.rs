@@ -1,0 +1,714 @@
+//! The test harness: runs every `#[agent_vm_test]` of a test binary built
+//! with `harness = false`, through [libtest-mimic](libtest_mimic), so the
+//! usual test flags work (filters, `--exact`, `--skip`, `--ignored`,
+//! `--include-ignored`, `--list`, `--test-threads`, `--format`, `-q`).
+//!
+//! * `--list` only prints the registered tests: no configuration is read,
+//!   no runtime started, no VM booted (cargo-nextest lists binaries in
+//!   parallel).
+//! * Otherwise the configuration is loaded ([`AgentVmConfig::load`]) and the
+//!   number of test threads is capped at the pool's `max_size`.
+//! * One multi-thread tokio runtime serves the whole run; one [`VmPool`] per
+//!   distinct VM shape (image, profile, memory, vCPUs, network: the attribute
+//!   overrides the configuration) is created when its first test runs, with
+//!   `min_size` capped at the number of tests of that shape selected to run.
+//! * Each test acquires a VM (`acquire_timeout`), copies the attribute's
+//!   `fixtures(...)` into `/workspace` (then resets the change baseline), runs
+//!   with its timeout (the attribute's `timeout`, else `exec_timeout` + 30 s),
+//!   and gives the VM back, which reverts it to its golden snapshot — also
+//!   when the test failed, panicked or timed out. A line per test goes to
+//!   stderr: `agentvm: <test> on vm <id>: 1.23s (acquire 0.4ms, revert 95ms)`.
+//! * Artifacts of a test go to `<artifacts_dir>/<test name>/` (default
+//!   `target/agentvm/<test name>/`): `stdout.txt`, `stderr.txt`, `run.json`
+//!   (one set per agent run; the second is `stdout-2.txt`, ...),
+//!   `serial.log` (the VM's serial console) and `failure.txt`. They are kept
+//!   for failed tests and removed for passing ones unless
+//!   `AGENT_VM_KEEP_ARTIFACTS=1`. Secrets are redacted in all of them.
+//! * At the end every pool is shut down (no VM outlives the run) and the
+//!   process exits with libtest's exit code (101 when a test failed).
+//!
+//! Under `cargo nextest run` each test runs in its own process, which boots
+//! its own VM (a pool of at most one VM, as only one test is selected).
+
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use agentvm_runtime::backend::{Backend, BackendError};
+use agentvm_runtime::config::{create_backend, parse_network, AgentVmConfig};
+use agentvm_runtime::image::{build_command, locate_image};
+use agentvm_runtime::pool::{ReleaseOutcome, VmPool};
+use agentvm_runtime::spec::{ImagePaths, NetworkMode, ResourceProfile};
+use futures::FutureExt;
+use libtest_mimic::{Arguments, Completion, Failed, Trial};
+
+use crate::context::{self, SharedContext, TestContext};
+use crate::redact::Secrets;
+use crate::registry::{self, TestCase};
+use crate::run::AgentRun;
+use crate::vm_ext::VmExt;
+
+/// Time a test may take beyond the configured exec timeout when its
+/// attribute sets no timeout.
+pub const TEST_TIMEOUT_SLACK: Duration = Duration::from_secs(30);
+/// How long the harness waits for a VM to be reverted after a test.
+pub const RELEASE_WAIT: Duration = Duration::from_secs(120);
+/// How long the harness waits for each pool to shut down at the end.
+pub const SHUTDOWN_WAIT: Duration = Duration::from_secs(60);
+/// Exit code of a run with failed tests (as libtest's).
+pub const FAILURE_EXIT_CODE: i32 = 101;
+
+/// Runs every registered test with the command-line arguments of the process
+/// and exits. This is what [`main!`](crate::main) calls.
+pub fn run_harness() -> ! {
+    let args = Arguments::from_args();
+    let tests: Vec<&'static TestCase> = registry::all_tests().collect();
+    let code = run_tests(args, &tests);
+    std::process::exit(code)
+}
+
+/// Runs `tests` with libtest-mimic `args` and returns the process exit code
+/// (0, or 101 when a test failed). For custom `main` functions; most test
+/// binaries use [`main!`](crate::main).
+pub fn run_tests(mut args: Arguments, tests: &[&'static TestCase]) -> i32 {
+    if args.list {
+        // Listing must not read configuration or boot anything.
+        let trials = tests
+            .iter()
+            .map(|case| {
+                Trial::test(case.full_name(), || Ok(())).with_ignored_flag(case.is_ignored())
+            })
+            .collect();
+        let _ = libtest_mimic::run(&args, trials);
+        return 0;
+    }
+    install_panic_hook();
+    let config = AgentVmConfig::load().map_err(|e| e.to_string());
+    match &config {
+        Ok(config) => {
+            let requested = args
+                .test_threads
+                .or_else(|| std::thread::available_parallelism().ok().map(Into::into))
+                .unwrap_or(1);
+            let threads = requested.clamp(1, config.pool_max_size.max(1));
+            args.test_threads = Some(threads);
+            eprintln!(
+                "agentvm: backend {}, image {:?}, pool {}..{} VMs, {threads} test thread{}",
+                config.backend.name(),
+                config.image,
+                config.pool_min_size,
+                config.pool_max_size,
+                if threads == 1 { "" } else { "s" },
+            );
+        }
+        Err(e) => eprintln!("agentvm: configuration error: {e}"),
+    }
+    let mut planned: HashMap<String, usize> = HashMap::new();
+    if let Ok(config) = &config {
+        for case in tests {
+            if will_run(&args, &case.full_name(), case.is_ignored()) {
+                if let Ok(shape) = Shape::of(config, case) {
+                    *planned.entry(shape.key).or_default() += 1;
+                }
+            }
+        }
+    }
+    let harness = Arc::new(Harness {
+        config,
+        runtime: OnceLock::new(),
+        backend: OnceLock::new(),
+        pools: Mutex::new(HashMap::new()),
+        planned,
+        keep_artifacts: keep_artifacts(),
+    });
+    let run_ignored = args.ignored || args.include_ignored;
+    let trials = tests
+        .iter()
+        .map(|&case| {
+            let name = case.full_name();
+            match case.config.ignore {
+                // Ignored with a reason: libtest-mimic prints reasons only of
+                // tests ignored at run time, so report it that way.
+                Some(Some(reason)) if !run_ignored => {
+                    Trial::ignorable_test(name, move || Ok(Completion::ignored_with(reason)))
+                }
+                ignore => {
+                    let harness = Arc::clone(&harness);
+                    Trial::test(name, move || harness.run(case)).with_ignored_flag(ignore.is_some())
+                }
+            }
+        })
+        .collect();
+    let conclusion = libtest_mimic::run(&args, trials);
+    harness.shutdown();
+    if conclusion.has_failed() {
+        FAILURE_EXIT_CODE
+    } else {
+        0
+    }
+}
+
+/// Whether libtest-mimic will run a test named `name` with these arguments
+/// (mirrors its filtering).
+fn will_run(args: &Arguments, name: &str, ignored: bool) -> bool {
+    if args.bench {
+        return false;
+    }
+    if let Some(filter) = &args.filter {
+        let matches = if args.exact {
+            name == filter
+        } else {
+            name.contains(filter.as_str())
+        };
+        if !matches {
+            return false;
+        }
+    }
+    for skip in &args.skip {
+        let matches = if args.exact {
+            name == skip
+        } else {
+            name.contains(skip.as_str())
+        };
+        if matches {
+            return false;
+        }
+    }
+    if args.ignored {
+        ignored
+    } else {
+        !ignored || args.include_ignored
+    }
+}
+
+fn keep_artifacts() -> bool {
+    matches!(
+        std::env::var("AGENT_VM_KEEP_ARTIFACTS").as_deref(),
+        Ok("1" | "true" | "yes")
+    )
+}
+
+/// The VM a test needs.
+#[derive(Debug, Clone, PartialEq)]
+struct Shape {
+    key: String,
+    image: String,
+    profile: ResourceProfile,
+    network: NetworkMode,
+}
+
+impl Shape {
+    fn of(config: &AgentVmConfig, case: &TestCase) -> Result<Self, String> {
+        let attr = &case.config;
+        let image = attr
+            .image
+            .map_or_else(|| config.image.clone(), str::to_string);
+        let mut profile = match attr.profile {
+            Some(name) => ResourceProfile::from_name(name)
+                .ok_or_else(|| format!("unknown profile {name:?} in the test attribute"))?,
+            None => config.profile,
+        };
+        if attr.memory_mib.is_some() || attr.vcpus.is_some() {
+            profile = ResourceProfile::Custom {
+                vcpus: attr.vcpus.unwrap_or(profile.vcpus()),
+                memory_mib: attr.memory_mib.unwrap_or(profile.memory_mib()),
+            };
+        }
+        let network = match attr.network {
+            Some(text) => parse_network(text)
+                .ok_or_else(|| format!("unknown network {text:?} in the test attribute"))?,
+            None => config.network.clone(),
+        };
+        let key = format!(
+            "{image}/{}x{}MiB/{}",
+            profile.vcpus(),
+            profile.memory_mib(),
+            match &network {
+                NetworkMode::Isolated => "isolated".to_string(),
+                NetworkMode::NatFiltered => "nat-filtered".to_string(),
+                NetworkMode::Bridge(name) => format!("bridge:{name}"),
+            }
+        );
+        Ok(Self {
+            key,
+            image,
+            profile,
+            network,
+        })
+    }
+}
+
+struct Harness {
+    config: Result<AgentVmConfig, String>,
+    runtime: OnceLock<tokio::runtime::Runtime>,
+    backend: OnceLock<Result<Arc<dyn Backend>, String>>,
+    pools: Mutex<HashMap<String, VmPool>>,
+    planned: HashMap<String, usize>,
+    keep_artifacts: bool,
+}
+
+/// What happened on the VM, for the artifacts.
+struct VmOutcome {
+    result: Result<(), String>,
+    serial_log: Option<Vec<u8>>,
+}
+
+impl Harness {
+    fn runtime(&self) -> &tokio::runtime::Runtime {
+        self.runtime.get_or_init(|| {
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .thread_name("agentvm-runtime")
+                .build()
+                .expect("cannot start the tokio runtime")
+        })
+    }
+
+    fn backend(&self, config: &AgentVmConfig) -> Result<Arc<dyn Backend>, String> {
+        self.backend
+            .get_or_init(|| {
+                create_backend(config).map_err(|e| {
+                    format!("cannot create the {} backend: {e}", config.backend.name())
+                })
+            })
+            .clone()
+    }
+
+    /// The pool for `shape`, created on first use. Must run inside the runtime.
+    fn pool(
+        &self,
+        config: &AgentVmConfig,
+        shape: &Shape,
+        image: ImagePaths,
+    ) -> Result<VmPool, String> {
+        let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(pool) = pools.get(&shape.key) {
+            return Ok(pool.clone());
+        }
+        let backend = self.backend(config)?;
+        let mut spec = config.vm_spec(image);
+        spec.profile = shape.profile;
+        spec.network = shape.network.clone();
+        let mut pool_config = config.pool_config(spec);
+        let planned = self.planned.get(&shape.key).copied().unwrap_or(1);
+        pool_config.min_size = pool_config.min_size.min(planned);
+        let pool = VmPool::new(backend, pool_config).map_err(|e| e.to_string())?;
+        pools.insert(shape.key.clone(), pool.clone());
+        Ok(pool)
+    }
+
+    /// Runs one test (on a libtest-mimic worker thread).
+    fn run(&self, case: &'static TestCase) -> Result<(), Failed> {
+        let name = case.full_name();
+        let config = self
+            .config
+            .as_ref()
+            .map_err(|e| Failed::from(format!("agentvm configuration error: {e}")))?;
+        let artifacts = Artifacts::new(&config.artifacts_dir, &name);
+        artifacts.clear();
+        let context = TestContext::new(config.exec_timeout);
+        let outcome =
+            self.runtime()
+                .block_on(self.run_on_vm(case, config, &name, Arc::clone(&context)));
+        let context = context.lock().unwrap_or_else(|e| e.into_inner());
+        let failure = outcome
+            .result
+            .err()
+            .map(|message| context.secrets.redact(&message).into_owned());
+        if failure.is_some() || self.keep_artifacts {
+            let written = artifacts.write(
+                &context.runs,
+                failure.as_deref(),
+                outcome.serial_log.as_deref(),
+                &context.secrets,
+            );
+            if let Err(e) = written {
+                eprintln!(
+                    "agentvm: {name}: cannot write artifacts to {}: {e}",
+                    artifacts.dir.display()
+                );
+            }
+        }
+        match failure {
+            None => Ok(()),
+            Some(message) if artifacts.dir.exists() => {
+                Err(format!("{message}\nartifacts: {}", artifacts.dir.display()).into())
+            }
+            Some(message) => Err(message.into()),
+        }
+    }
+
+    async fn run_on_vm(
+        &self,
+        case: &'static TestCase,
+        config: &AgentVmConfig,
+        name: &str,
+        context: SharedContext,
+    ) -> VmOutcome {
+        let failed = |message: String| VmOutcome {
+            result: Err(message),
+            serial_log: None,
+        };
+        let shape = match Shape::of(config, case) {
+            Ok(shape) => shape,
+            Err(e) => return failed(e),
+        };
+        let image = match locate_image(&shape.image, &config.image_dir) {
+            Ok(image) => image,
+            Err(e) => return failed(image_error(&e, &shape.image)),
+        };
+        let pool = match self.pool(config, &shape, image) {
+            Ok(pool) => pool,
+            Err(e) => return failed(e),
+        };
+        let mut lease = match pool.acquire(config.acquire_timeout).await {
+            Ok(lease) => lease,
+            Err(e) => return failed(format!("could not get a VM ({}): {e}", shape.key)),
+        };
+        let acquire = lease.waited();
+        let vm_id = lease.id().to_string();
+        let timeout = case
+            .config
+            .timeout
+            .unwrap_or(config.exec_timeout + TEST_TIMEOUT_SLACK);
+        let started = Instant::now();
+        let result = {
+            let vm: &mut agentvm_runtime::vm::Vm = &mut lease;
+            let body = async move {
+                for fixture in case.config.fixtures {
+                    vm.copy_dir_into_workspace(Path::new(fixture), "")
+                        .await
+                        .map_err(|e| format!("copying fixture {fixture}: {e}"))?;
+                }
+                if !case.config.fixtures.is_empty() {
+                    vm.reset_workspace_baseline()
+                        .await
+                        .map_err(|e| format!("recording the workspace baseline: {e}"))?;
+                }
+                (case.run)(vm).await.map_err(|failure| failure.to_string())
+            };
+            let guarded = context::scope(context, AssertUnwindSafe(body).catch_unwind());
+            match tokio::time::timeout(timeout, guarded).await {
+                Ok(Ok(result)) => result,
+                Ok(Err(panic)) => Err(format!("test panicked: {}", panic_message(&*panic))),
+                Err(_) => Err(format!(
+                    "test timed out after {} ({}); the VM is reverted",
+                    fmt_duration(timeout),
+                    if case.config.timeout.is_some() {
+                        "the attribute's timeout".to_string()
+                    } else {
+                        format!("exec_timeout + {}", fmt_duration(TEST_TIMEOUT_SLACK))
+                    }
+                )),
+            }
+        };
+        let elapsed = started.elapsed();
+        let serial_log = if result.is_err() || self.keep_artifacts {
+            lease
+                .serial_log_path()
+                .and_then(|path| std::fs::read(path).ok())
+        } else {
+            None
+        };
+        let release = lease.release();
+        let revert = match tokio::time::timeout(RELEASE_WAIT, release).await {
+            Ok(Ok(ReleaseOutcome::Reverted(timings))) => {
+                format!("revert {}", fmt_duration(timings.total))
+            }
+            Ok(Ok(ReleaseOutcome::Recycled)) => "recycled".to_string(),
+            Ok(Ok(ReleaseOutcome::Destroyed(reason))) => {
+                format!("revert failed, VM destroyed: {reason}")
+            }
+            Ok(Err(_)) => "release outcome unknown".to_string(),
+            Err(_) => format!("revert still running after {}", fmt_duration(RELEASE_WAIT)),
+        };
+        eprintln!(
+            "agentvm: {name} on vm {vm_id}: {} (acquire {}, {revert})",
+            fmt_duration(elapsed),
+            fmt_duration(acquire)
+        );
+        VmOutcome { result, serial_log }
+    }
+
+    /// Shuts every pool down (destroying its VMs).
+    fn shutdown(&self) {
+        let pools: Vec<(String, VmPool)> = self
+            .pools
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+            .collect();
+        if pools.is_empty() {
+            return;
+        }
+        self.runtime().block_on(async {
+            let shutdowns = pools.iter().map(|(key, pool)| async move {
+                match tokio::time::timeout(SHUTDOWN_WAIT, pool.shutdown()).await {
+                    Ok(()) => eprintln!("agentvm: pool {key} shut down ({})", pool.status()),
+                    Err(_) => eprintln!(
+                        "agentvm: pool {key} did not shut down within {} ({})",
+                        fmt_duration(SHUTDOWN_WAIT),
+                        pool.status()
+                    ),
+                }
+            });
+            futures::future::join_all(shutdowns).await;
+        });
+    }
+}
+
+/// Replaces the default panic message printer while a test with secrets
+/// runs, so that a panic message holding a secret prints redacted.
+fn install_panic_hook() {
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let Some(context) = context::current() else {
+                return default(info);
+            };
+            // try_lock: the panic may come from code holding the lock.
+            let secrets = match context.try_lock() {
+                Ok(context) => Some(context.secrets.clone()),
+                Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner().secrets.clone()),
+                Err(std::sync::TryLockError::WouldBlock) => None,
+            };
+            match secrets {
+                Some(secrets) if secrets.is_empty() => default(info),
+                Some(secrets) => {
+                    let thread = std::thread::current();
+                    let location = info.location().map_or_else(String::new, |l| {
+                        format!(" at {}:{}:{}", l.file(), l.line(), l.column())
+                    });
+                    eprintln!(
+                        "\nthread '{}' panicked{location}:\n{}",
+                        thread.name().unwrap_or("<unnamed>"),
+                        secrets.redact(&panic_message(info.payload()))
+                    );
+                }
+                None => eprintln!("\na test panicked (message hidden: it may hold a secret)"),
+            }
+        }));
+    });
+}
+
+fn image_error(error: &BackendError, name: &str) -> String {
+    match error {
+        BackendError::MissingImage { .. } if name != "default" => {
+            format!("{error} (for this image: `{}`)", build_command(name))
+        }
+        _ => error.to_string(),
+    }
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "(non-string panic payload)".to_string()
+    }
+}
+
+/// `0.4ms`, `95ms`, `1.23s`.
+pub(crate) fn fmt_duration(d: Duration) -> String {
+    if d < Duration::from_millis(1) {
+        format!("{:.1}ms", d.as_secs_f64() * 1000.0)
+    } else if d < Duration::from_secs(1) {
+        format!("{}ms", d.as_millis())
+    } else {
+        format!("{:.2}s", d.as_secs_f64())
+    }
+}
+
+/// Directory names under `target/agentvm/` used by other tools.
+const RESERVED_DIRS: &[&str] = &["images", "cache", "guest-build", "run", "tmp"];
+
+/// The artifacts directory of one test.
+struct Artifacts {
+    dir: PathBuf,
+}
+
+impl Artifacts {
+    fn new(root: &Path, test_name: &str) -> Self {
+        let mut name: String = test_name
+            .chars()
+            .map(|c| {
+                if c == '/' || c == '\\' || c.is_control() {
+                    '_'
+                } else {
+                    c
+                }
+            })
+            .collect();
+        if name.is_empty() || name.starts_with('.') || RESERVED_DIRS.contains(&name.as_str()) {
+            name = format!("test-{name}");
+        }
+        Self {
+            dir: root.join(name),
+        }
+    }
+
+    fn clear(&self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                eprintln!(
+                    "agentvm: cannot remove old artifacts {}: {e}",
+                    self.dir.display()
+                );
+            }
+        }
+    }
+
+    fn write(
+        &self,
+        runs: &[AgentRun],
+        failure: Option<&str>,
+        serial_log: Option<&[u8]>,
+        secrets: &Secrets,
+    ) -> std::io::Result<()> {
+        std::fs::create_dir_all(&self.dir)?;
+        let write = |file: String, text: &str| {
+            std::fs::write(self.dir.join(file), secrets.redact(text).as_bytes())
+        };
+        for (i, run) in runs.iter().enumerate() {
+            let suffix = if i == 0 {
+                String::new()
+            } else {
+                format!("-{}", i + 1)
+            };
+            write(format!("stdout{suffix}.txt"), run.stdout())?;
+            write(format!("stderr{suffix}.txt"), run.stderr())?;
+            write(format!("run{suffix}.json"), &run.to_json())?;
+        }
+        if let Some(serial) = serial_log {
+            write("serial.log".into(), &String::from_utf8_lossy(serial))?;
+        }
+        if let Some(failure) = failure {
+            write("failure.txt".into(), failure)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::{TestConfig, TestFuture};
+
+    fn never(_: &mut agentvm_runtime::vm::Vm) -> TestFuture<'_> {
+        unreachable!()
+    }
+
+    fn case(config: TestConfig) -> TestCase {
+        TestCase {
+            name: "t",
+            module_path: "suite",
+            file: file!(),
+            line: line!(),
+            config,
+            run: never,
+        }
+    }
+
+    fn args(list: &[&str]) -> Arguments {
+        Arguments::from_iter(std::iter::once("test").chain(list.iter().copied()))
+    }
+
+    #[test]
+    fn filtering_mirrors_libtest_mimic() {
+        assert!(will_run(&args(&[]), "a::hello", false));
+        assert!(!will_run(&args(&[]), "a::hello", true));
+        assert!(will_run(&args(&["--include-ignored"]), "a::hello", true));
+        assert!(will_run(&args(&["--ignored"]), "a::hello", true));
+        assert!(!will_run(&args(&["--ignored"]), "a::hello", false));
+        assert!(will_run(&args(&["hell"]), "a::hello", false));
+        assert!(!will_run(&args(&["hell", "--exact"]), "a::hello", false));
+        assert!(will_run(&args(&["a::hello", "--exact"]), "a::hello", false));
+        assert!(!will_run(&args(&["--skip", "hell"]), "a::hello", false));
+        assert!(will_run(
+            &args(&["--skip", "hell", "--exact"]),
+            "a::hello",
+            false
+        ));
+    }
+
+    #[test]
+    fn shapes_combine_config_and_attribute() {
+        let config = AgentVmConfig::default();
+        let plain = Shape::of(&config, &case(TestConfig::DEFAULT)).unwrap();
+        assert_eq!(plain.key, "default/1x256MiB/isolated");
+        let custom = Shape::of(
+            &config,
+            &case(TestConfig {
+                image: Some("rich"),
+                profile: Some("standard"),
+                memory_mib: Some(512),
+                network: Some("bridge:br0"),
+                ..TestConfig::DEFAULT
+            }),
+        )
+        .unwrap();
+        assert_eq!(custom.key, "rich/2x512MiB/bridge:br0");
+        assert_eq!(
+            custom.profile,
+            ResourceProfile::Custom {
+                vcpus: 2,
+                memory_mib: 512
+            }
+        );
+        // Same sizes, same pool.
+        let light = Shape::of(
+            &config,
+            &case(TestConfig {
+                vcpus: Some(1),
+                ..TestConfig::DEFAULT
+            }),
+        )
+        .unwrap();
+        assert_eq!(light.key, plain.key);
+    }
+
+    #[test]
+    fn durations_print_compactly() {
+        assert_eq!(fmt_duration(Duration::from_micros(400)), "0.4ms");
+        assert_eq!(fmt_duration(Duration::from_millis(95)), "95ms");
+        assert_eq!(fmt_duration(Duration::from_millis(1234)), "1.23s");
+    }
+
+    #[test]
+    fn artifact_dirs_avoid_reserved_names() {
+        let root = Path::new("/t");
+        assert_eq!(Artifacts::new(root, "a::b").dir, Path::new("/t/a::b"));
+        assert_eq!(
+            Artifacts::new(root, "images").dir,
+            Path::new("/t/test-images")
+        );
+        assert_eq!(Artifacts::new(root, "x/../y").dir, Path::new("/t/x_.._y"));
+    }
+
+    #[test]
+    fn artifacts_are_redacted() {
+        let dir = tempfile::tempdir().unwrap();
+        let artifacts = Artifacts::new(dir.path(), "t");
+        let mut secrets = Secrets::new();
+        secrets.add("K", "hunter2");
+        artifacts
+            .write(
+                &[],
+                Some("failed: hunter2"),
+                Some(b"console hunter2\n"),
+                &secrets,
+            )
+            .unwrap();
+        let failure = std::fs::read_to_string(artifacts.dir.join("failure.txt")).unwrap();
+        assert_eq!(failure, "failed: [secret:K]");
+        let serial = std::fs::read_to_string(artifacts.dir.join("serial.log")).unwrap();
+        assert_eq!(serial, "console [secret:K]\n");
+        artifacts.clear();
+        assert!(!artifacts.dir.exists());
+    }
+}

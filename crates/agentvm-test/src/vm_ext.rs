@@ -1,0 +1,441 @@
+//! [`VmExt`]: running agents on a [`Vm`].
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+
+use agentvm_runtime::client::ExecOutput;
+use agentvm_runtime::command::Command;
+use agentvm_runtime::protocol::ExitStatus;
+use agentvm_runtime::vm::{Vm, VmError};
+
+use crate::agent::{
+    resolve_host_path, Agent, AgentSource, Task, AGENT_DIR, PROMPT_FILE, WORKSPACE,
+};
+use crate::run::AgentRun;
+
+/// Why an agent could not be run (an agent that fails or times out is not an
+/// error: that is in the [`AgentRun`]).
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// A host file or directory to copy into the guest does not exist.
+    #[error("{what} {path} not found (tried {})", tried.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "))]
+    HostPathNotFound {
+        /// What it is (agent script, fixture, ...).
+        what: &'static str,
+        /// The path as given.
+        path: PathBuf,
+        /// The absolute paths looked at.
+        tried: Vec<PathBuf>,
+    },
+    /// A host file could not be read.
+    #[error("cannot read {}: {source}", path.display())]
+    ReadHost {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The agent or task is malformed.
+    #[error("invalid {what}: {message}")]
+    Invalid {
+        /// Agent, task file, ...
+        what: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+    /// A VM operation failed (the guest crashed or hung, or refused a file).
+    #[error("{step}: {source}")]
+    VmOperation {
+        /// What was being done.
+        step: &'static str,
+        /// The VM error.
+        #[source]
+        source: VmError,
+    },
+}
+
+impl AgentError {
+    fn vm(step: &'static str) -> impl FnOnce(VmError) -> Self {
+        move |source| Self::VmOperation { step, source }
+    }
+}
+
+/// The output of a shell command run with [`VmExt::sh`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShellOutput {
+    /// Exit code (`None` when killed by a signal).
+    pub exit_code: Option<i32>,
+    /// Stdout, lossy UTF-8.
+    pub stdout: String,
+    /// Stderr, lossy UTF-8.
+    pub stderr: String,
+}
+
+impl ShellOutput {
+    /// Exited with code 0.
+    pub fn success(&self) -> bool {
+        self.exit_code == Some(0)
+    }
+}
+
+impl From<ExecOutput> for ShellOutput {
+    fn from(out: ExecOutput) -> Self {
+        Self {
+            exit_code: match out.report.status {
+                ExitStatus::Code(code) => Some(code),
+                ExitStatus::Signal(_) => None,
+            },
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+}
+
+/// Agent operations on a [`Vm`] (the test function's `&mut Vm`).
+pub trait VmExt {
+    /// Runs `agent` on `task`:
+    ///
+    /// 1. copies the agent into `/opt/agentvm/agent/` (for [`Agent::script`]
+    ///    and [`Agent::dir`]), the prompt into `/opt/agentvm/task/prompt.txt`,
+    ///    and the task's files and fixtures into `/workspace`;
+    /// 2. makes the workspace the baseline, so the injected files do not count
+    ///    as changes;
+    /// 3. runs the agent in `/workspace` with its timeout and output limit,
+    ///    with `AGENT_PROMPT`, `AGENT_TASK_FILE` (when there is a prompt),
+    ///    `AGENT_WORKSPACE=/workspace` and its own environment;
+    /// 4. lists the workspace changes (with texts and diffs of small text
+    ///    files) and returns the [`AgentRun`], secrets redacted.
+    ///
+    /// Under the test harness the run is also kept for the test's artifacts.
+    fn run_agent<'a>(
+        &'a mut self,
+        agent: &'a Agent,
+        task: impl AsRef<Task> + Send + 'a,
+    ) -> impl Future<Output = Result<AgentRun, AgentError>> + Send + 'a;
+
+    /// Copies a host directory's files recursively into the guest workspace
+    /// (relative to `/workspace`; `into` empty for the workspace root). Does
+    /// not reset the change baseline.
+    fn copy_dir_into_workspace<'a>(
+        &'a mut self,
+        host_dir: &'a Path,
+        into: &'a str,
+    ) -> impl Future<Output = Result<(), AgentError>> + Send + 'a;
+
+    /// Runs `sh -c script` in `/workspace` (timeout 60 s) and returns its output.
+    fn sh<'a>(
+        &'a mut self,
+        script: &'a str,
+    ) -> impl Future<Output = Result<ShellOutput, AgentError>> + Send + 'a;
+}
+
+impl VmExt for Vm {
+    async fn run_agent<'a>(
+        &'a mut self,
+        agent: &'a Agent,
+        task: impl AsRef<Task> + Send + 'a,
+    ) -> Result<AgentRun, AgentError> {
+        run_agent(self, agent, task.as_ref()).await
+    }
+
+    async fn copy_dir_into_workspace<'a>(
+        &'a mut self,
+        host_dir: &'a Path,
+        into: &'a str,
+    ) -> Result<(), AgentError> {
+        let dir = resolve(host_dir, "fixture directory")?;
+        let prefix = into.trim_matches('/');
+        for (rel, data, mode) in read_tree(&dir)? {
+            let path = if prefix.is_empty() {
+                rel
+            } else {
+                format!("{prefix}/{rel}")
+            };
+            self.write_file(&path, &data, mode)
+                .await
+                .map_err(AgentError::vm("copying a fixture into the workspace"))?;
+        }
+        Ok(())
+    }
+
+    async fn sh<'a>(&'a mut self, script: &'a str) -> Result<ShellOutput, AgentError> {
+        let out = self
+            .exec(Command::shell(script).current_dir(WORKSPACE))
+            .await
+            .map_err(AgentError::vm("running a shell command"))?;
+        Ok(out.into())
+    }
+}
+
+async fn run_agent(vm: &mut Vm, agent: &Agent, task: &Task) -> Result<AgentRun, AgentError> {
+    let secrets = agent.secrets();
+    let context = crate::context::current();
+    if let Some(context) = &context {
+        context
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .secrets
+            .extend(&secrets);
+    }
+    // 1. Agent files.
+    let program = match &agent.source {
+        AgentSource::Script(path) => {
+            let path = resolve(path, "agent script")?;
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .ok_or_else(|| AgentError::Invalid {
+                    what: "agent script",
+                    message: format!("{} has no UTF-8 file name", path.display()),
+                })?
+                .to_string();
+            let data = std::fs::read(&path).map_err(|source| AgentError::ReadHost {
+                path: path.clone(),
+                source,
+            })?;
+            let guest = format!("{AGENT_DIR}/{name}");
+            vm.write_file(&guest, &data, 0o755)
+                .await
+                .map_err(AgentError::vm("copying the agent into the guest"))?;
+            vec![guest]
+        }
+        AgentSource::Dir { dir, entry } => {
+            let dir = resolve(dir, "agent directory")?;
+            let entry = clean_relative(entry).ok_or_else(|| AgentError::Invalid {
+                what: "agent entry",
+                message: format!("{entry:?} must be a relative path inside the agent directory"),
+            })?;
+            let files = read_tree(&dir)?;
+            if !files.iter().any(|(rel, _, _)| *rel == entry) {
+                return Err(AgentError::Invalid {
+                    what: "agent entry",
+                    message: format!("{entry} is not a file in {}", dir.display()),
+                });
+            }
+            for (rel, data, mode) in files {
+                let mode = if rel == entry { mode | 0o755 } else { mode };
+                vm.write_file(&format!("{AGENT_DIR}/{rel}"), &data, mode)
+                    .await
+                    .map_err(AgentError::vm("copying the agent into the guest"))?;
+            }
+            vec![format!("{AGENT_DIR}/{entry}")]
+        }
+        AgentSource::Command(argv) => {
+            if argv.is_empty() {
+                return Err(AgentError::Invalid {
+                    what: "agent",
+                    message: "Agent::command needs at least the program name".into(),
+                });
+            }
+            argv.clone()
+        }
+    };
+    // 1b. Task files.
+    if let Some(prompt) = &task.prompt {
+        vm.write_file(PROMPT_FILE, prompt.as_bytes(), 0o644)
+            .await
+            .map_err(AgentError::vm("writing the prompt file"))?;
+    }
+    for fixture in &task.fixtures {
+        vm.copy_dir_into_workspace(fixture, "").await?;
+    }
+    for (path, data) in &task.files {
+        let rel = workspace_path(path).ok_or_else(|| AgentError::Invalid {
+            what: "task file",
+            message: format!("{path:?} must be a path inside the workspace"),
+        })?;
+        vm.write_file(&rel, data, 0o644)
+            .await
+            .map_err(AgentError::vm("writing a task file"))?;
+    }
+    // 2. Baseline.
+    vm.reset_workspace_baseline()
+        .await
+        .map_err(AgentError::vm("recording the workspace baseline"))?;
+    // 3. Run.
+    let timeout = agent
+        .timeout
+        .or_else(|| {
+            context
+                .as_ref()
+                .map(|c| c.lock().unwrap_or_else(|e| e.into_inner()).exec_timeout)
+        })
+        .unwrap_or(agentvm_runtime::command::DEFAULT_EXEC_TIMEOUT);
+    let mut command = Command::from_argv(program)
+        .args(agent.args.iter().cloned())
+        .current_dir(WORKSPACE)
+        .timeout(timeout)
+        .output_limit(agent.output_limit)
+        .env("AGENT_WORKSPACE", WORKSPACE);
+    if let Some(prompt) = &task.prompt {
+        command = command
+            .env("AGENT_TASK_FILE", PROMPT_FILE)
+            .env("AGENT_PROMPT", prompt.clone());
+    }
+    for (k, v) in agent.env.iter().chain(&agent.secrets) {
+        command = command.env(k.clone(), v.clone());
+    }
+    let output = vm
+        .exec(command)
+        .await
+        .map_err(AgentError::vm("running the agent"))?;
+    // 4. Changes.
+    let changes = vm
+        .workspace_changes(true)
+        .await
+        .map_err(AgentError::vm("listing the workspace changes"))?;
+    let run = AgentRun::from_exec(output, changes, &secrets);
+    if let Some(context) = &context {
+        context
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .runs
+            .push(run.clone());
+    }
+    Ok(run)
+}
+
+fn resolve(path: &Path, what: &'static str) -> Result<PathBuf, AgentError> {
+    resolve_host_path(path).map_err(|tried| AgentError::HostPathNotFound {
+        what,
+        path: path.to_path_buf(),
+        tried,
+    })
+}
+
+/// `path` without `.`/empty components, if it stays relative and inside (no `..`).
+fn clean_relative(path: &str) -> Option<String> {
+    let mut parts = Vec::new();
+    for part in path.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => return None,
+            p => parts.push(p),
+        }
+    }
+    (!path.starts_with('/') && !parts.is_empty()).then(|| parts.join("/"))
+}
+
+/// A task file path as a workspace-relative path (`/workspace/x` allowed).
+fn workspace_path(path: &str) -> Option<String> {
+    let rel = match path.strip_prefix(WORKSPACE) {
+        Some(rest) if rest.starts_with('/') => rest.trim_start_matches('/'),
+        _ => path,
+    };
+    clean_relative(rel)
+}
+
+/// Permission bits as git records them: 0755 when any execute bit is set,
+/// else 0644 (so that a checkout's umask does not change snapshots).
+fn git_mode(mode: u32) -> u32 {
+    if mode & 0o111 != 0 {
+        0o755
+    } else {
+        0o644
+    }
+}
+
+/// Every regular file under `dir` (symlinks followed), as (relative path,
+/// content, permission bits normalized by [`git_mode`]), sorted by path.
+fn read_tree(dir: &Path) -> Result<Vec<(String, Vec<u8>, u32)>, AgentError> {
+    use std::os::unix::fs::PermissionsExt;
+    let read_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| AgentError::ReadHost { path, source }
+    };
+    let mut out = Vec::new();
+    let mut stack = vec![(dir.to_path_buf(), String::new())];
+    while let Some((path, rel)) = stack.pop() {
+        let meta = std::fs::metadata(&path).map_err(read_err(&path))?;
+        if meta.is_dir() {
+            for entry in std::fs::read_dir(&path).map_err(read_err(&path))? {
+                let entry = entry.map_err(read_err(&path))?;
+                let name = entry.file_name();
+                let name = name.to_str().ok_or_else(|| AgentError::Invalid {
+                    what: "host file name",
+                    message: format!("{} is not UTF-8", entry.path().display()),
+                })?;
+                let child_rel = if rel.is_empty() {
+                    name.to_string()
+                } else {
+                    format!("{rel}/{name}")
+                };
+                stack.push((entry.path(), child_rel));
+            }
+        } else if meta.is_file() {
+            if rel.is_empty() {
+                // `dir` itself is a file: copy it under its own name.
+                let name = path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or("file")
+                    .to_string();
+                let data = std::fs::read(&path).map_err(read_err(&path))?;
+                out.push((name, data, git_mode(meta.permissions().mode())));
+            } else {
+                let data = std::fs::read(&path).map_err(read_err(&path))?;
+                out.push((rel, data, git_mode(meta.permissions().mode())));
+            }
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_paths() {
+        assert_eq!(clean_relative("a/./b//c").as_deref(), Some("a/b/c"));
+        assert_eq!(clean_relative("../x"), None);
+        assert_eq!(clean_relative("a/../../x"), None);
+        assert_eq!(clean_relative("/etc/passwd"), None);
+        assert_eq!(clean_relative(""), None);
+        assert_eq!(
+            workspace_path("/workspace/src/x.rs").as_deref(),
+            Some("src/x.rs")
+        );
+        assert_eq!(workspace_path("src/x.rs").as_deref(), Some("src/x.rs"));
+        assert_eq!(workspace_path("/workspaces/x"), None);
+        assert_eq!(workspace_path("/etc/x"), None);
+    }
+
+    #[test]
+    fn trees_are_read_sorted_with_modes() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("b/c")).unwrap();
+        std::fs::create_dir_all(dir.path().join("empty")).unwrap();
+        std::fs::write(dir.path().join("b/c/run.sh"), "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(
+            dir.path().join("b/c/run.sh"),
+            std::fs::Permissions::from_mode(0o744),
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("a.txt"), "a").unwrap();
+        std::fs::set_permissions(
+            dir.path().join("a.txt"),
+            std::fs::Permissions::from_mode(0o664),
+        )
+        .unwrap();
+        let tree = read_tree(dir.path()).unwrap();
+        let summary: Vec<(&str, u32)> = tree.iter().map(|(p, _, m)| (p.as_str(), *m)).collect();
+        assert_eq!(summary, [("a.txt", 0o644), ("b/c/run.sh", 0o755)]);
+        let single = read_tree(&dir.path().join("a.txt")).unwrap();
+        assert_eq!(single[0].0, "a.txt");
+    }
+
+    #[test]
+    fn missing_host_paths_list_what_was_tried() {
+        let e = resolve(Path::new("no/such/agent.sh"), "agent script")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("agent script no/such/agent.sh not found (tried /"),
+            "{e}"
+        );
+    }
+}

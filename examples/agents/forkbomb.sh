@@ -1,0 +1,27 @@
+#!/bin/sh
+# A fake agent that fork-bombs the guest, contained: with cgroup v2 the bomb
+# runs in a cgroup limited to 256 processes (forks beyond fail); without it,
+# the bomb stops at 2^8 sleeping leaves. Either way it runs until its
+# timeout kills the whole process tree.
+cg=/sys/fs/cgroup/agentvm-forkbomb
+if echo +pids >/sys/fs/cgroup/cgroup.subtree_control 2>/dev/null &&
+    mkdir -p "$cg" 2>/dev/null &&
+    echo 256 >"$cg/pids.max" 2>/dev/null &&
+    echo $$ >"$cg/cgroup.procs" 2>/dev/null; then
+    echo "fork bomb (at most 256 processes)"
+    bomb() { bomb | bomb & }
+    bomb 2>/dev/null
+else
+    echo "fork bomb (2^8 leaves)"
+    bomb() {
+        if [ "$1" -gt 0 ]; then
+            bomb $(($1 - 1)) &
+            bomb $(($1 - 1)) &
+            wait
+        else
+            sleep 3600
+        fi
+    }
+    bomb 8 2>/dev/null &
+fi
+while :; do sleep 1; done

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Installs the Debian packages agentvm needs on the host. Idempotent.
+# Debian 12 (bookworm) ships QEMU 7.2; when the machine already carries
+# qemu-utils from bookworm-backports (10.x), qemu-system-x86 must come from
+# there too, so we always take QEMU from backports.
+set -euo pipefail
+
+if [ "$(id -u)" -ne 0 ]; then
+    SUDO=sudo
+else
+    SUDO=
+fi
+
+. /etc/os-release
+codename="${VERSION_CODENAME:-bookworm}"
+backports="/etc/apt/sources.list.d/agentvm-backports.list"
+if [ "$codename" = "bookworm" ] && ! grep -rqs "bookworm-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then
+    echo "deb http://deb.debian.org/debian bookworm-backports main" | $SUDO tee "$backports" >/dev/null
+fi
+
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+
+qemu_release=()
+if [ "$codename" = "bookworm" ]; then
+    qemu_release=(-t bookworm-backports)
+fi
+
+$SUDO apt-get install -y -qq --no-install-recommends "${qemu_release[@]}" \
+    qemu-system-x86 qemu-utils
+$SUDO apt-get install -y -qq --no-install-recommends \
+    busybox-static cpio pkg-config ca-certificates file
+
+echo "installed: $(qemu-system-x86_64 --version | head -1)"

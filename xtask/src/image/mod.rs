@@ -1,0 +1,376 @@
+//! `cargo xtask build-image`: the guest image (kernel + initramfs) that the
+//! agentvm backends boot directly (`-kernel vmlinuz -initrd initramfs.cpio.gz
+//! -append <cmdline>`).
+//!
+//! Output, in `<out>/<name>/`: `vmlinuz`, `initramfs.cpio.gz`, `manifest.json`.
+//! The manifest is written last and removed first on a rebuild, so a
+//! directory with a manifest always holds a complete image.
+
+pub mod busybox;
+pub mod cpio;
+pub mod elf;
+pub mod guest;
+pub mod initramfs;
+pub mod kernel;
+pub mod manifest;
+pub mod modules;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+
+use crate::util::{rfc3339_utc, sha256_file, sha256_hex, workspace_root, write_atomic, Progress};
+use initramfs::Tree;
+use manifest::{BusyboxInfo, FileInfo, GuestInfo, Inputs, KernelInfo, Manifest, ModuleInfo};
+
+/// Kernel command line for the image. `quiet` keeps the serial console to
+/// the init script's and the agent's lines; drop it by hand to debug a boot.
+///
+/// `tsc=reliable`: under TCG the guest TSC is the host's TSC (constant), but
+/// the clocksource watchdog compares it with jiffies, which lag when the host
+/// is busy, marks it unstable and falls back to the 4 ms `refined-jiffies`
+/// clocksource. Harmless under KVM (kvm-clock is preferred there).
+///
+/// Not here because it is host-specific: under TCG the backend should append
+/// `tsc_early_khz=<host TSC kHz>`. Without it, when the host is loaded, the
+/// PIT calibration fails ("tsc: Unable to calibrate against PIT ... Marking
+/// TSC unstable") and `-M microvm` (no HPET/ACPI PM timer to fall back to)
+/// hangs for good before userspace.
+pub const CMDLINE: &str = "console=ttyS0 panic=1 quiet tsc=reliable";
+/// The virtio-serial port the guest agent serves (see images/init).
+pub const VIRTIO_PORT: &str = "org.agentvm.ctl";
+/// Where the guest agent lives in the image.
+pub const GUEST_PATH: &str = "usr/bin/agentvm-guest";
+
+pub const VMLINUZ: &str = "vmlinuz";
+pub const INITRAMFS: &str = "initramfs.cpio.gz";
+pub const MANIFEST: &str = "manifest.json";
+
+#[derive(Debug, clap::Args)]
+pub struct BuildImageArgs {
+    /// Image name: the output goes to <out>/<name>/.
+    #[arg(long, default_value = "default")]
+    pub name: String,
+    /// Output directory [default: <workspace>/target/agentvm/images].
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Rebuild even if the image is up to date.
+    #[arg(long)]
+    pub force: bool,
+    /// Kernel package (metapackage or versioned) to take vmlinuz and modules from.
+    #[arg(long, default_value = kernel::DEFAULT_PACKAGE)]
+    pub kernel_package: String,
+    /// Use this static guest agent binary instead of building agentvm-guest
+    /// (e.g. a stand-in while the agent is being written).
+    #[arg(long, value_name = "PATH")]
+    pub guest_bin: Option<PathBuf>,
+    /// Static busybox to pack [default: /bin/busybox from busybox-static].
+    #[arg(long, value_name = "PATH", env = "AGENTVM_BUSYBOX")]
+    pub busybox: Option<PathBuf>,
+    /// Init script [default: <workspace>/images/init].
+    #[arg(long, value_name = "PATH")]
+    pub init: Option<PathBuf>,
+    /// Download/unpack cache [default: <workspace>/target/agentvm/cache].
+    #[arg(long, value_name = "DIR")]
+    pub cache: Option<PathBuf>,
+}
+
+impl BuildImageArgs {
+    /// The arguments of a plain `cargo xtask build-image`.
+    pub fn defaults() -> Self {
+        Self {
+            name: "default".into(),
+            out: None,
+            force: false,
+            kernel_package: kernel::DEFAULT_PACKAGE.into(),
+            guest_bin: None,
+            busybox: std::env::var_os("AGENTVM_BUSYBOX").map(PathBuf::from),
+            init: None,
+            cache: None,
+        }
+    }
+}
+
+pub fn run(args: BuildImageArgs) -> Result<()> {
+    check_name(&args.name)?;
+    let root = workspace_root();
+    let agentvm_dir = root.join("target").join("agentvm");
+    let out_dir = args
+        .out
+        .clone()
+        .unwrap_or_else(|| agentvm_dir.join("images"))
+        .join(&args.name);
+    let cache = args
+        .cache
+        .clone()
+        .unwrap_or_else(|| agentvm_dir.join("cache"));
+    let init_path = args
+        .init
+        .clone()
+        .unwrap_or_else(|| root.join("images").join("init"));
+    let progress = Progress::new();
+
+    // 1. Inputs. Each step is cheap when nothing changed.
+    let guest_bin = match &args.guest_bin {
+        Some(bin) => {
+            progress.step(format!("using guest agent {}", bin.display()));
+            guest::check(bin)?;
+            bin.clone()
+        }
+        None => {
+            let dir = agentvm_dir.join("guest-build");
+            progress.step(format!(
+                "building guest agent (static, --target {}, target dir {})",
+                guest::TARGET,
+                dir.display()
+            ));
+            guest::build(&root, &dir)?
+        }
+    };
+    let guest_data =
+        fs::read(&guest_bin).with_context(|| format!("read {}", guest_bin.display()))?;
+    let guest_sha256 = sha256_hex(&guest_data);
+
+    progress.step("locating busybox-static");
+    let bb = busybox::locate(args.busybox.as_deref())?;
+    progress.note(format!(
+        "{} ({}, {} applets)",
+        bb.path.display(),
+        bb.version,
+        bb.applets.len()
+    ));
+
+    let init = fs::read(&init_path)
+        .with_context(|| format!("read init script {}", init_path.display()))?;
+    if !init.starts_with(b"#!") {
+        bail!("{} must start with a #! line", init_path.display());
+    }
+
+    progress.step(format!(
+        "resolving kernel package {} (apt-cache)",
+        args.kernel_package
+    ));
+    let kinfo = kernel::resolve(&args.kernel_package)?;
+    let kernel = kernel::fetch(&kinfo, &cache, &progress)?;
+
+    progress.step("selecting kernel modules (depends= from .modinfo)");
+    let sel = modules::select(&kernel.modules_dir)?;
+    let names: Vec<String> = sel.modules.iter().map(|m| m.name.clone()).collect();
+    progress.note(format!("load order: {}", names.join(" ")));
+    if !sel.builtin.is_empty() {
+        progress.note(format!("built in: {}", sel.builtin.join(" ")));
+    }
+    if !sel.unavailable.is_empty() {
+        progress.note(format!(
+            "not in this kernel (skipped): {}",
+            sel.unavailable.join(" ")
+        ));
+    }
+
+    let inputs = Inputs {
+        format_version: manifest::FORMAT_VERSION,
+        guest_sha256: guest_sha256.clone(),
+        kernel_package: kinfo.package.clone(),
+        kernel_version: kinfo.version.clone(),
+        busybox_sha256: bb.sha256.clone(),
+        init_sha256: sha256_hex(&init),
+        modules: names,
+        cmdline: CMDLINE.to_string(),
+    };
+    let key = inputs.key();
+
+    // 2. Up to date?
+    if !args.force {
+        if let Some(m) = up_to_date(&out_dir, &key) {
+            println!(
+                "image {} is up to date ({}, key {})",
+                args.name,
+                out_dir.display(),
+                &m.key[..16]
+            );
+            return Ok(());
+        }
+    }
+
+    // 3. Pack.
+    progress.step("packing initramfs (newc cpio, gzip)");
+    let mut tree = Tree::new();
+    for (d, perm) in [
+        ("bin", 0o755),
+        ("sbin", 0o755),
+        ("usr/bin", 0o755),
+        ("usr/sbin", 0o755),
+        ("dev", 0o755),
+        ("proc", 0o555),
+        ("sys", 0o555),
+        ("run", 0o755),
+        ("tmp", 0o1777),
+        ("var/tmp", 0o1777),
+        ("etc/agentvm", 0o755),
+        ("root", 0o700),
+        ("workspace", 0o755),
+        ("opt/agentvm", 0o755),
+    ] {
+        tree.dir(d, perm)?;
+    }
+    // The kernel opens /dev/console for init before /init can mount devtmpfs.
+    tree.char_dev("dev/console", 0o600, 5, 1)?;
+    tree.char_dev("dev/null", 0o666, 1, 3)?;
+    tree.file("init", 0o755, init.clone())?;
+    tree.file("bin/busybox", 0o755, bb.data.clone())?;
+    for applet in &bb.applets {
+        tree.symlink(applet, "/bin/busybox")?;
+    }
+    tree.file(GUEST_PATH, 0o755, guest_data.clone())?;
+    let mod_dir = format!("lib/modules/{}", kernel.release);
+    for m in &sel.modules {
+        let data = fs::read(&m.path).with_context(|| format!("read {}", m.path.display()))?;
+        tree.file(&format!("{mod_dir}/{}.ko", m.name), 0o644, data)?;
+    }
+    tree.dir(&mod_dir, 0o755)?;
+    let mut order = inputs.modules.join("\n");
+    order.push('\n');
+    tree.file("etc/agentvm/modules", 0o644, order)?;
+    tree.file(
+        "etc/agentvm/image",
+        0o644,
+        format!(
+            "name={}\nkey={key}\nkernel={} {}\n",
+            args.name, kinfo.package, kinfo.version
+        ),
+    )?;
+    let cpio = tree.to_cpio()?;
+    let gz = initramfs::gzip(&cpio)?;
+    progress.note(format!(
+        "{} entries, {:.1} MiB uncompressed, {:.1} MiB gzip",
+        tree.len(),
+        mib(cpio.len() as u64),
+        mib(gz.len() as u64)
+    ));
+
+    // 4. Write: manifest out first, in last.
+    progress.step(format!("writing {}", out_dir.display()));
+    fs::create_dir_all(&out_dir).with_context(|| format!("create {}", out_dir.display()))?;
+    let manifest_path = out_dir.join(MANIFEST);
+    match fs::remove_file(&manifest_path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("remove {}", manifest_path.display())),
+    }
+    let vmlinuz =
+        fs::read(&kernel.vmlinuz).with_context(|| format!("read {}", kernel.vmlinuz.display()))?;
+    write_atomic(&out_dir.join(VMLINUZ), &vmlinuz)?;
+    write_atomic(&out_dir.join(INITRAMFS), &gz)?;
+
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let m = Manifest {
+        name: args.name.clone(),
+        format_version: manifest::FORMAT_VERSION,
+        key: key.clone(),
+        cmdline: CMDLINE.to_string(),
+        virtio_port: VIRTIO_PORT.to_string(),
+        kernel: KernelInfo {
+            package: kinfo.package.clone(),
+            version: kinfo.version.clone(),
+            release: kernel.release.clone(),
+            deb_sha256: kernel.deb_sha256.clone(),
+        },
+        busybox: BusyboxInfo {
+            version: bb.version.clone(),
+            sha256: bb.sha256.clone(),
+            applets: bb.applets.len(),
+        },
+        guest: GuestInfo {
+            path: format!("/{GUEST_PATH}"),
+            sha256: guest_sha256,
+            size: guest_data.len() as u64,
+        },
+        modules: sel
+            .modules
+            .iter()
+            .map(|m| ModuleInfo {
+                name: m.name.clone(),
+                depends: m.depends.clone(),
+            })
+            .collect(),
+        modules_builtin: sel.builtin.clone(),
+        modules_unavailable: sel.unavailable.clone(),
+        vmlinuz: FileInfo {
+            file: VMLINUZ.into(),
+            size: vmlinuz.len() as u64,
+            sha256: sha256_hex(&vmlinuz),
+        },
+        initramfs: FileInfo {
+            file: INITRAMFS.into(),
+            size: gz.len() as u64,
+            sha256: sha256_hex(&gz),
+        },
+        inputs,
+        built_at: rfc3339_utc(now),
+        build_seconds: (progress.elapsed_secs() * 100.0).round() / 100.0,
+    };
+    write_atomic(&manifest_path, m.to_json().as_bytes())?;
+
+    println!(
+        "image {} built in {:.1}s: {} (vmlinuz {:.1} MiB, initramfs {:.1} MiB)",
+        args.name,
+        progress.elapsed_secs(),
+        out_dir.display(),
+        mib(m.vmlinuz.size),
+        mib(m.initramfs.size)
+    );
+    println!("  cmdline: {CMDLINE}");
+    Ok(())
+}
+
+/// The existing manifest if it has `key` and its files are intact.
+fn up_to_date(dir: &Path, key: &str) -> Option<Manifest> {
+    let m = Manifest::read(&dir.join(MANIFEST)).ok()?;
+    if m.key != key || m.format_version != manifest::FORMAT_VERSION {
+        return None;
+    }
+    for f in [&m.vmlinuz, &m.initramfs] {
+        let p = dir.join(&f.file);
+        let meta = fs::metadata(&p).ok()?;
+        if meta.len() != f.size || sha256_file(&p).ok()? != f.sha256 {
+            return None;
+        }
+    }
+    Some(m)
+}
+
+fn check_name(name: &str) -> Result<()> {
+    if name.is_empty()
+        || name.starts_with('.')
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        bail!("bad image name {name:?}: use letters, digits, '-', '_' and '.'");
+    }
+    Ok(())
+}
+
+fn mib(n: u64) -> f64 {
+    n as f64 / (1u64 << 20) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_names() {
+        for ok in ["default", "rich-1.2", "a_b"] {
+            check_name(ok).unwrap();
+        }
+        for bad in ["", ".", "..", "a/b", "a b", ".hidden"] {
+            assert!(check_name(bad).is_err(), "{bad}");
+        }
+    }
+}

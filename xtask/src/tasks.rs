@@ -1,0 +1,99 @@
+//! The composite commands: `setup` (packages + guest image), `test` (all tests)
+//! and `demo` (the example agent suite in real VMs).
+
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+use crate::image::{self, BuildImageArgs};
+use crate::util::{find_in_path, is_root, workspace_root, Progress};
+
+/// Host tools the runtime and the image build need, with the package that has each.
+const REQUIRED_TOOLS: &[(&str, &str)] = &[
+    ("qemu-system-x86_64", "qemu-system-x86"),
+    ("qemu-img", "qemu-utils"),
+    ("busybox", "busybox-static"),
+];
+
+#[derive(Debug, clap::Args)]
+pub struct SetupArgs {
+    /// Do not install missing system packages; only check and build the image.
+    #[arg(long)]
+    pub no_install: bool,
+}
+
+/// Installs missing system packages (scripts/install-deps.sh) and builds the
+/// default guest image.
+pub fn setup(args: &SetupArgs) -> Result<()> {
+    let progress = Progress::new();
+    let missing: Vec<_> = REQUIRED_TOOLS
+        .iter()
+        .filter(|(tool, _)| find_in_path(tool).is_none())
+        .collect();
+    if missing.is_empty() {
+        progress.step("system packages: all present");
+    } else if args.no_install {
+        let packages: Vec<_> = missing.iter().map(|(_, p)| *p).collect();
+        bail!(
+            "missing tools {:?}: install them with `bash scripts/install-deps.sh` (packages: {})",
+            missing.iter().map(|(t, _)| *t).collect::<Vec<_>>(),
+            packages.join(" ")
+        );
+    } else {
+        progress.step(format!(
+            "installing system packages (missing: {})",
+            missing
+                .iter()
+                .map(|(t, _)| *t)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+        if !is_root() && find_in_path("sudo").is_none() {
+            bail!("installing packages needs root: run `sudo bash scripts/install-deps.sh` first");
+        }
+        let script = workspace_root().join("scripts/install-deps.sh");
+        run(Command::new("bash").arg(&script), "scripts/install-deps.sh")?;
+    }
+    progress.step("guest image");
+    image::run(BuildImageArgs::defaults())
+}
+
+/// `cargo xtask test [-- ARGS]`: set-up, then every test of the workspace.
+pub fn test(args: &[String]) -> Result<()> {
+    setup(&SetupArgs { no_install: false })?;
+    let progress = Progress::new();
+    progress.step("cargo test --workspace");
+    run(
+        cargo().args(["test", "--workspace"]).args(args),
+        "cargo test --workspace",
+    )
+}
+
+/// `cargo xtask demo [-- ARGS]`: set-up, then the example agent suite in real VMs.
+pub fn demo(args: &[String]) -> Result<()> {
+    setup(&SetupArgs { no_install: false })?;
+    let progress = Progress::new();
+    progress.step("example agent suite (examples/agent-suite) in real VMs");
+    run(
+        cargo()
+            .args(["test", "-p", "agent-suite", "--test", "agents", "--"])
+            .args(args),
+        "the example agent suite",
+    )
+}
+
+fn cargo() -> Command {
+    let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    command.current_dir(workspace_root());
+    command
+}
+
+fn run(command: &mut Command, what: &str) -> Result<()> {
+    let status = command
+        .status()
+        .with_context(|| format!("could not start {what}"))?;
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(())
+}
