@@ -83,12 +83,29 @@ impl From<PathError> for ErrorReply {
 /// Lexically normalizes an absolute path: drops `.`, applies `..`. `None`
 /// if `..` would climb above `/` or the path is not absolute.
 pub fn normalize_absolute(path: &Path) -> Option<PathBuf> {
+    if !path.has_root() {
+        return None;
+    }
+    normalize_components(path).map(|relative| Path::new("/").join(relative))
+}
+
+/// Lexically normalizes a relative path. `None` if `..` would climb above
+/// its start or the path is absolute.
+pub fn normalize_relative(path: &Path) -> Option<PathBuf> {
+    if path.has_root() {
+        return None;
+    }
+    normalize_components(path)
+}
+
+/// The path's components below its root with `.` dropped and `..` applied;
+/// `None` if `..` would climb above the start.
+fn normalize_components(path: &Path) -> Option<PathBuf> {
     let mut out = PathBuf::new();
     let mut depth = 0usize;
     for component in path.components() {
         match component {
-            Component::RootDir => out.push("/"),
-            Component::CurDir => {}
+            Component::RootDir | Component::CurDir => {}
             Component::ParentDir => {
                 if depth == 0 {
                     return None;
@@ -101,31 +118,6 @@ pub fn normalize_absolute(path: &Path) -> Option<PathBuf> {
                 depth += 1;
             }
             Component::Prefix(_) => return None,
-        }
-    }
-    out.has_root().then_some(out)
-}
-
-/// Lexically normalizes a relative path. `None` if `..` would climb above
-/// its start or the path is absolute.
-pub fn normalize_relative(path: &Path) -> Option<PathBuf> {
-    let mut out = PathBuf::new();
-    let mut depth = 0usize;
-    for component in path.components() {
-        match component {
-            Component::CurDir => {}
-            Component::ParentDir => {
-                if depth == 0 {
-                    return None;
-                }
-                out.pop();
-                depth -= 1;
-            }
-            Component::Normal(name) => {
-                out.push(name);
-                depth += 1;
-            }
-            Component::RootDir | Component::Prefix(_) => return None,
         }
     }
     Some(out)

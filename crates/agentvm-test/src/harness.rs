@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 
 use agentvm_runtime::backend::{Backend, BackendError};
 use agentvm_runtime::config::{create_backend, parse_network, AgentVmConfig};
-use agentvm_runtime::image::{build_command, locate_image};
+use agentvm_runtime::image::locate_image;
 use agentvm_runtime::pool::{ReleaseOutcome, VmPool};
 use agentvm_runtime::spec::{ImagePaths, NetworkMode, ResourceProfile};
 use futures::FutureExt;
@@ -357,7 +357,7 @@ impl Harness {
         };
         let image = match locate_image(&shape.image, &config.image_dir) {
             Ok(image) => image,
-            Err(e) => return failed(image_error(&e, &shape.image)),
+            Err(e) => return failed(image_error(&e)),
         };
         let pool = match self.pool(config, &shape, image) {
             Ok(pool) => pool,
@@ -494,13 +494,8 @@ fn install_panic_hook() {
     });
 }
 
-fn image_error(error: &BackendError, name: &str) -> String {
-    match error {
-        BackendError::MissingImage { .. } if name != "default" => {
-            format!("{error} (for this image: `{}`)", build_command(name))
-        }
-        _ => error.to_string(),
-    }
+fn image_error(error: &BackendError) -> String {
+    error.to_string()
 }
 
 fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {

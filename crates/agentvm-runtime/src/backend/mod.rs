@@ -33,7 +33,7 @@ pub enum BackendError {
         hint: String,
     },
     /// The guest image is missing or incomplete.
-    #[error("guest image {name:?} not found at {path}: build it with `cargo xtask build-image`")]
+    #[error("guest image {name:?} not found at {}: build it with `{}`", .path.display(), crate::image::build_command(.name))]
     MissingImage {
         /// Image name.
         name: String,
