@@ -29,6 +29,6 @@ fi
 $SUDO apt-get install -y -qq --no-install-recommends "${qemu_release[@]}" \
     qemu-system-x86 qemu-utils
 $SUDO apt-get install -y -qq --no-install-recommends \
-    busybox-static cpio pkg-config ca-certificates file
+    busybox-static cpio pkg-config ca-certificates file gcc libc6-dev
 
 echo "installed: $(qemu-system-x86_64 --version | head -1)"
