@@ -43,10 +43,17 @@
 //! exec_timeout = "60s"
 //! # How long a test waits for a free VM.
 //! acquire_timeout = "300s"
-//! # Port of the Prometheus metrics endpoint (stored; off when unset).
+//! # Port of the Prometheus metrics endpoint on 127.0.0.1 (off when unset).
 //! metrics_port = 9464
 //! # libvirt connection URI for the libvirt backend (stored).
 //! libvirt_uri = "qemu:///system"
+//! # JSON-lines audit log of every VM lifecycle event and agent run
+//! # (default: `<artifacts_dir>/audit.jsonl`); appended to.
+//! audit_log = "target/agentvm/audit.jsonl"
+//! # Anomaly kinds that fail the test they are found in (default: none):
+//! # "timeout", "output_cap", "memory_limit", "duration_zscore",
+//! # "cpu_zscore", "memory_zscore".
+//! fail_on = ["timeout"]
 //!
 //! [pool]
 //! # VMs kept booted and ready (0 allowed: boot on demand).
@@ -75,6 +82,8 @@
 //! | `AGENT_VM_POOL_MAX_SIZE` | `pool.max_size` |
 //! | `AGENT_VM_MAX_USES` | `pool.max_uses` |
 //! | `AGENT_VM_METRICS_PORT` | `metrics_port` |
+//! | `AGENT_VM_AUDIT_LOG` | `audit_log` (relative: to the current directory) |
+//! | `AGENT_VM_FAIL_ON` | `fail_on` (comma-separated) |
 //! | `LIBVIRT_DEFAULT_URI` | `libvirt_uri` |
 //!
 //! An empty variable counts as unset. A bad value in the file or a variable is
@@ -114,7 +123,19 @@ pub const ENV_VARS: &[&str] = &[
     "AGENT_VM_POOL_MAX_SIZE",
     "AGENT_VM_MAX_USES",
     "AGENT_VM_METRICS_PORT",
+    "AGENT_VM_AUDIT_LOG",
+    "AGENT_VM_FAIL_ON",
     "LIBVIRT_DEFAULT_URI",
+];
+
+/// The anomaly kinds the harness finds (and `fail_on` accepts).
+pub const ANOMALY_KINDS: &[&str] = &[
+    "timeout",
+    "output_cap",
+    "memory_limit",
+    "duration_zscore",
+    "cpu_zscore",
+    "memory_zscore",
 ];
 
 const PROFILES: &str = "\"minimal\", \"light\", \"standard\", \"intensive\"";
@@ -132,6 +153,9 @@ pub enum BackendKind {
     Qemu,
     /// The in-process fake backend (no real VMs), for testing harness logic.
     Mock,
+    /// libvirt domains (cargo feature `libvirt`).
+    #[cfg(feature = "libvirt")]
+    Libvirt,
 }
 
 impl BackendKind {
@@ -140,6 +164,8 @@ impl BackendKind {
         match self {
             Self::Qemu => "qemu",
             Self::Mock => "mock",
+            #[cfg(feature = "libvirt")]
+            Self::Libvirt => "libvirt",
         }
     }
 }
@@ -212,8 +238,12 @@ pub struct AgentVmConfig {
     pub pool_max_size: usize,
     /// Recycle a VM after this many uses.
     pub max_uses: Option<u64>,
-    /// Prometheus metrics port (stored only).
+    /// Port of the Prometheus metrics endpoint on 127.0.0.1 (off when unset).
     pub metrics_port: Option<u16>,
+    /// The audit log file (`None`: `<artifacts_dir>/audit.jsonl`).
+    pub audit_log: Option<PathBuf>,
+    /// Anomaly kinds that fail the test they are found in.
+    pub fail_on: Vec<String>,
     /// libvirt connection URI (stored only).
     pub libvirt_uri: Option<String>,
     /// The workspace root the relative paths were resolved against.
@@ -244,6 +274,8 @@ struct RawFile {
     acquire_timeout: Option<RawDuration>,
     metrics_port: Option<i64>,
     libvirt_uri: Option<String>,
+    audit_log: Option<String>,
+    fail_on: Option<Vec<String>>,
     pool: Option<RawPool>,
 }
 
@@ -290,6 +322,8 @@ impl AgentVmConfig {
             pool_max_size: 2,
             max_uses: None,
             metrics_port: None,
+            audit_log: None,
+            fail_on: Vec::new(),
             libvirt_uri: None,
             workspace_root: workspace_root.to_path_buf(),
             config_file: None,
@@ -394,6 +428,14 @@ impl AgentVmConfig {
         }
         if let Some(v) = raw.libvirt_uri {
             self.libvirt_uri = Some(v);
+        }
+        if let Some(v) = raw.audit_log {
+            self.audit_log =
+                Some(set.parse("audit_log", &v, |s| parse_dir(s, &root), "a file path")?);
+        }
+        if let Some(kinds) = raw.fail_on {
+            self.fail_on =
+                set.parse("fail_on", &kinds.join(","), parse_kinds, ANOMALY_KIND_LIST)?;
         }
         if let Some(pool) = raw.pool {
             if let Some(v) = pool.min_size {
@@ -531,6 +573,20 @@ impl AgentVmConfig {
             PORTS,
             |v| { self.metrics_port = Some(v) }
         );
+        apply!(
+            "AGENT_VM_AUDIT_LOG",
+            "audit_log",
+            |s| parse_dir(s, cwd),
+            "a file path",
+            |v| self.audit_log = Some(v)
+        );
+        apply!(
+            "AGENT_VM_FAIL_ON",
+            "fail_on",
+            parse_kinds,
+            ANOMALY_KIND_LIST,
+            |v| self.fail_on = v
+        );
         if let Some(uri) = get("LIBVIRT_DEFAULT_URI") {
             self.libvirt_uri = Some(uri.to_string());
         }
@@ -551,6 +607,13 @@ impl AgentVmConfig {
             )));
         }
         Ok(())
+    }
+
+    /// Where the audit log goes.
+    pub fn audit_log_path(&self) -> PathBuf {
+        self.audit_log
+            .clone()
+            .unwrap_or_else(|| self.artifacts_dir.join("audit.jsonl"))
     }
 
     /// A [`VmSpec`] for `image` with this configuration's profile, network,
@@ -582,6 +645,13 @@ pub fn create_backend(config: &AgentVmConfig) -> Result<Arc<dyn Backend>, Backen
     match config.backend {
         BackendKind::Mock => Ok(Arc::new(crate::backend::mock::MockBackend::new())),
         BackendKind::Qemu => qemu_backend(config),
+        #[cfg(feature = "libvirt")]
+        BackendKind::Libvirt => Ok(Arc::new(crate::backend::libvirt::LibvirtBackend::new(
+            crate::backend::libvirt::LibvirtConfig {
+                uri: config.libvirt_uri.clone(),
+                ..Default::default()
+            },
+        )?)),
     }
 }
 
@@ -624,6 +694,8 @@ pub fn parse_backend(s: &str) -> Option<BackendKind> {
     match s {
         "qemu" => Some(BackendKind::Qemu),
         "mock" => Some(BackendKind::Mock),
+        #[cfg(feature = "libvirt")]
+        "libvirt" => Some(BackendKind::Libvirt),
         _ => None,
     }
 }
@@ -673,6 +745,22 @@ fn parse_image_name(s: &str) -> Option<String> {
 
 fn parse_dir(s: &str, base: &Path) -> Option<PathBuf> {
     (!s.is_empty()).then(|| base.join(s))
+}
+
+const ANOMALY_KIND_LIST: &str = "anomaly kinds from \"timeout\", \"output_cap\", \"memory_limit\", \"duration_zscore\", \"cpu_zscore\", \"memory_zscore\" (comma-separated)";
+
+/// A comma-separated list of anomaly kinds (empty entries ignored).
+fn parse_kinds(s: &str) -> Option<Vec<String>> {
+    let mut kinds = Vec::new();
+    for kind in s.split(',').map(str::trim).filter(|k| !k.is_empty()) {
+        if !ANOMALY_KINDS.contains(&kind) {
+            return None;
+        }
+        if !kinds.iter().any(|k| k == kind) {
+            kinds.push(kind.to_string());
+        }
+    }
+    Some(kinds)
 }
 
 fn parse_port(s: &str) -> Option<u16> {
@@ -983,6 +1071,43 @@ max_uses = 10
         assert!(e.contains("invalid type"), "{e}");
         let e = load(Some("image = "), &[]).unwrap_err().to_string();
         assert!(e.contains("invalid configuration file"), "{e}");
+    }
+
+    #[test]
+    fn audit_log_and_fail_on() {
+        let c = load(None, &[]).unwrap();
+        assert_eq!(
+            c.audit_log_path(),
+            PathBuf::from("/ws/target/agentvm/audit.jsonl")
+        );
+        assert!(c.fail_on.is_empty());
+        let c = load(
+            Some("audit_log = \"logs/a.jsonl\"\nfail_on = [\"timeout\", \"output_cap\"]\n"),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.audit_log_path(), PathBuf::from("/ws/logs/a.jsonl"));
+        assert_eq!(c.fail_on, ["timeout", "output_cap"]);
+        let c = load(
+            None,
+            &[
+                ("AGENT_VM_AUDIT_LOG", "/tmp/x.jsonl"),
+                ("AGENT_VM_FAIL_ON", "memory_limit, timeout,"),
+                ("AGENT_VM_ARTIFACTS_DIR", "/elsewhere"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.audit_log_path(), PathBuf::from("/tmp/x.jsonl"));
+        assert_eq!(c.fail_on, ["memory_limit", "timeout"]);
+        let c = load(None, &[("AGENT_VM_ARTIFACTS_DIR", "/elsewhere")]).unwrap();
+        assert_eq!(c.audit_log_path(), PathBuf::from("/elsewhere/audit.jsonl"));
+        let e = load(None, &[("AGENT_VM_FAIL_ON", "timeout,bogus")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("AGENT_VM_FAIL_ON") && e.contains("output_cap"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -21,7 +21,11 @@ pub mod command;
 #[cfg(feature = "host")]
 pub mod config;
 #[cfg(feature = "host")]
+pub mod events;
+#[cfg(feature = "host")]
 pub mod image;
+#[cfg(feature = "host")]
+pub mod metrics;
 #[cfg(feature = "host")]
 pub mod pool;
 #[cfg(feature = "host")]

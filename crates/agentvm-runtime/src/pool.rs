@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, Notify};
 
 use crate::backend::Backend;
+use crate::events::{emit, Event};
 use crate::spec::VmSpec;
 use crate::vm::{RevertTimings, Vm, VmError};
 
@@ -157,6 +158,7 @@ impl State {
 }
 
 struct Inner {
+    id: String,
     backend: Arc<dyn Backend>,
     config: PoolConfig,
     runtime: tokio::runtime::Handle,
@@ -189,8 +191,14 @@ impl VmPool {
                 config.min_size, config.max_size
             )));
         }
+        static NEXT_POOL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let id = format!(
+            "pool-{}",
+            NEXT_POOL.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
         let pool = Self {
             inner: Arc::new(Inner {
+                id,
                 backend,
                 config,
                 runtime: tokio::runtime::Handle::current(),
@@ -200,6 +208,30 @@ impl VmPool {
         };
         pool.replenish();
         Ok(pool)
+    }
+
+    /// The pool's id in events and metrics (`pool-1`, `pool-2`, ... in
+    /// creation order within the process).
+    pub fn id(&self) -> &str {
+        &self.inner.id
+    }
+
+    /// Wakes whoever waits for a change and publishes the counters as an
+    /// [`Event::PoolStatus`].
+    fn changed(&self) {
+        self.inner.changed.notify_waiters();
+        self.publish_status();
+    }
+
+    fn publish_status(&self) {
+        let status = self.status();
+        emit(Event::PoolStatus {
+            pool: self.inner.id.clone(),
+            available: status.available,
+            leased: status.leased,
+            booting: status.booting,
+            reverting: status.reverting,
+        });
     }
 
     /// The pool's configuration.
@@ -294,8 +326,9 @@ impl VmPool {
         for waiter in waiters {
             let _ = waiter.tx.send(Err(PoolError::ShuttingDown));
         }
+        self.publish_status();
         for vm in idle {
-            let _ = vm.destroy().await;
+            let _ = vm.destroy_because("shutdown").await;
         }
         loop {
             let notified = self.inner.changed.notified();
@@ -307,7 +340,7 @@ impl VmPool {
             }
             notified.await;
         }
-        self.inner.changed.notify_waiters();
+        self.changed();
     }
 
     fn lease(&self, vm: Vm, waited: Duration) -> Lease {
@@ -317,6 +350,13 @@ impl VmPool {
             *uses += 1;
             *uses
         };
+        emit(Event::VmAcquired {
+            pool: self.inner.id.clone(),
+            vm: vm.id().to_string(),
+            waited_seconds: waited.as_secs_f64(),
+            uses,
+        });
+        self.publish_status();
         Lease {
             vm: Some(vm),
             pool: self.clone(),
@@ -340,6 +380,9 @@ impl VmPool {
         for _ in 0..to_boot {
             self.spawn_boot();
         }
+        if to_boot > 0 {
+            self.publish_status();
+        }
     }
 
     /// Boots one more VM when callers wait and nothing will free up for them.
@@ -358,6 +401,7 @@ impl VmPool {
         };
         if boot {
             self.spawn_boot();
+            self.publish_status();
         }
     }
 
@@ -393,7 +437,7 @@ impl VmPool {
                     }
                 }
             }
-            pool.inner.changed.notify_waiters();
+            pool.changed();
         });
     }
 
@@ -429,13 +473,13 @@ impl VmPool {
                 } else {
                     state.idle.push_back(vm);
                     drop(state);
-                    self.inner.changed.notify_waiters();
+                    self.changed();
                     return;
                 }
             };
             let Some(waiter) = waiter else {
-                let _ = vm.destroy().await;
-                self.inner.changed.notify_waiters();
+                let _ = vm.destroy_because("shutdown").await;
+                self.changed();
                 return;
             };
             match waiter.tx.send(Ok(vm)) {
@@ -457,12 +501,24 @@ impl VmPool {
             state.leased -= 1;
             state.reverting += 1;
         }
+        emit(Event::VmReleased {
+            pool: self.inner.id.clone(),
+            vm: vm.id().to_string(),
+        });
+        self.publish_status();
+        vm.sample_resources();
         let config = &self.inner.config;
         let worn_out = config.max_uses.is_some_and(|max| uses >= max)
             || config.ttl.is_some_and(|ttl| vm.age() >= ttl);
         let shutting_down = self.inner.state.lock().expect("pool lock").shutting_down;
         let outcome = if shutting_down || worn_out {
-            let _ = vm.destroy().await;
+            let _ = vm
+                .destroy_because(if shutting_down {
+                    "shutdown"
+                } else {
+                    "recycled"
+                })
+                .await;
             ReleaseOutcome::Recycled
         } else {
             match vm.revert().await {
@@ -473,7 +529,7 @@ impl VmPool {
                             state.reverting -= 1;
                         }
                         self.offer(vm).await;
-                        self.inner.changed.notify_waiters();
+                        self.changed();
                         return ReleaseOutcome::Reverted(timings);
                     }
                     Err(error) => self.discard(vm, &error).await,
@@ -491,19 +547,23 @@ impl VmPool {
         }
         self.replenish();
         self.grow_for_waiters();
-        self.inner.changed.notify_waiters();
+        self.changed();
         outcome
     }
 
     async fn discard(&self, vm: Vm, error: &VmError) -> ReleaseOutcome {
         tracing::warn!(vm = vm.id(), %error, "VM failed after use; destroying it");
+        emit(Event::VmCrashed {
+            vm: vm.id().to_string(),
+            error: error.to_string(),
+        });
         self.inner
             .state
             .lock()
             .expect("pool lock")
             .uses
             .remove(vm.id());
-        let _ = vm.destroy().await;
+        let _ = vm.destroy_because("broken").await;
         ReleaseOutcome::Destroyed(error.to_string())
     }
 }

@@ -4,11 +4,12 @@
 //! snapshot) → commands and files → [`Vm::revert`] (back to the golden
 //! snapshot, channel resynchronised) → … → [`Vm::destroy`].
 
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::backend::{Backend, BackendError, Machine, RevertOutcome};
 use crate::client::{ClientError, ExecOutput, ExecStream, GuestClient, ResyncStats};
 use crate::command::Command;
+use crate::events::{emit, Event, ProcessUsage};
 use crate::protocol::{FileChange, Hello};
 use crate::spec::VmSpec;
 
@@ -109,6 +110,7 @@ pub struct Vm {
     boot: BootTimings,
     created: Instant,
     reverts: u64,
+    last_sample: Option<(f64, SystemTime)>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -127,18 +129,52 @@ impl Vm {
     /// end of its serial console log.
     pub async fn boot(backend: &dyn Backend, spec: VmSpec) -> Result<Self, VmError> {
         let started = Instant::now();
-        let mut machine = backend.launch(&spec).await?;
+        let mut machine = match backend.launch(&spec).await {
+            Ok(machine) => machine,
+            Err(e) => {
+                emit(Event::VmBootFailed {
+                    vm: None,
+                    error: e.to_string(),
+                });
+                return Err(e.into());
+            }
+        };
+        emit(Event::VmCreated {
+            vm: machine.id().to_string(),
+            vcpus: spec.profile.vcpus(),
+            memory_mib: spec.profile.memory_mib(),
+            host_pid: machine.host_pid(),
+        });
+        let failed = |machine: &dyn Machine, error: String| {
+            emit(Event::VmBootFailed {
+                vm: Some(machine.id().to_string()),
+                error,
+            });
+            emit(Event::VmDestroyed {
+                vm: machine.id().to_string(),
+                reason: "boot failed".into(),
+            });
+        };
         match Self::handshake(&mut machine, &spec, started).await {
             Ok((client, to_hello)) => {
+                emit(Event::VmBooted {
+                    vm: machine.id().to_string(),
+                    boot_seconds: to_hello.as_secs_f64(),
+                });
                 let snapshot_start = Instant::now();
                 if let Err(e) = machine.snapshot_golden().await {
                     let _ = machine.destroy().await;
+                    failed(machine.as_ref(), e.to_string());
                     return Err(e.into());
                 }
                 let boot = BootTimings {
                     to_hello,
                     snapshot: snapshot_start.elapsed(),
                 };
+                emit(Event::VmSnapshotted {
+                    vm: machine.id().to_string(),
+                    snapshot_seconds: boot.snapshot.as_secs_f64(),
+                });
                 tracing::info!(vm = machine.id(), ?boot, "VM ready");
                 Ok(Self {
                     machine,
@@ -147,10 +183,12 @@ impl Vm {
                     boot,
                     created: Instant::now(),
                     reverts: 0,
+                    last_sample: None,
                 })
             }
             Err(e) => {
                 let _ = machine.destroy().await;
+                failed(machine.as_ref(), e.to_string());
                 Err(e)
             }
         }
@@ -230,6 +268,26 @@ impl Vm {
     /// The control channel client, for operations this handle does not wrap.
     pub fn client(&self) -> &GuestClient {
         &self.client
+    }
+
+    /// Host process id of the VM's hypervisor, when the backend knows it.
+    pub fn host_pid(&self) -> Option<u32> {
+        self.machine.host_pid()
+    }
+
+    /// Samples the hypervisor process's resource use from `/proc` (CPU
+    /// percentage since the previous sample) and emits it as
+    /// [`Event::VmResources`]. `None` when the backend has no host process.
+    pub fn sample_resources(&mut self) -> Option<ProcessUsage> {
+        let pid = self.machine.host_pid()?;
+        let now = SystemTime::now();
+        let usage = ProcessUsage::sample(pid, self.last_sample)?;
+        self.last_sample = Some((usage.cpu_seconds, now));
+        emit(Event::VmResources {
+            vm: self.id().to_string(),
+            usage,
+        });
+        Some(usage)
     }
 
     /// The last lines of the serial console.
@@ -329,10 +387,15 @@ impl Vm {
             }
         };
         self.reverts += 1;
+        let total = start.elapsed();
+        emit(Event::VmReverted {
+            vm: self.id().to_string(),
+            revert_seconds: total.as_secs_f64(),
+        });
         Ok(RevertTimings {
             restore,
             resync,
-            total: start.elapsed(),
+            total,
         })
     }
 
@@ -343,8 +406,18 @@ impl Vm {
     }
 
     /// Stops the VM and removes its files.
-    pub async fn destroy(mut self) -> Result<(), VmError> {
-        Ok(self.machine.destroy().await?)
+    pub async fn destroy(self) -> Result<(), VmError> {
+        self.destroy_because("destroyed").await
+    }
+
+    /// [`Vm::destroy`], recording `reason` in the [`Event::VmDestroyed`].
+    pub async fn destroy_because(mut self, reason: &str) -> Result<(), VmError> {
+        let result = self.machine.destroy().await;
+        emit(Event::VmDestroyed {
+            vm: self.id().to_string(),
+            reason: reason.to_string(),
+        });
+        Ok(result?)
     }
 
     /// Maps a client error to a [`VmError`], turning a dead channel into the

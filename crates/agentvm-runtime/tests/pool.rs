@@ -236,3 +236,84 @@ fn invalid_sizes_are_rejected() {
         assert!(matches!(err, PoolError::InvalidConfig(_)));
     });
 }
+
+/// The value of the sample line starting with `series ` in a metrics text.
+fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test]
+async fn metrics_endpoint_follows_the_pool() {
+    use agentvm_runtime::events::{self, Event, Recorder};
+    use agentvm_runtime::metrics::{self, Metrics};
+
+    let metrics = Arc::new(Metrics::new());
+    let _sub = events::subscribe(metrics.clone());
+    let recorder = Arc::new(Recorder::default());
+    let _rec = events::subscribe(recorder.clone());
+    let listener = metrics::bind(0).await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = tokio::spawn(metrics::serve(listener, Arc::clone(&metrics)));
+    let scrape = || async move { metrics::http_get(port, "/metrics").await.unwrap().1 };
+
+    let backend = MockBackend::new();
+    let pool = VmPool::new(Arc::new(backend.clone()), config(1, 2)).unwrap();
+    pool.wait_ready(WAIT).await.unwrap();
+    let series = |state: &str| {
+        format!(
+            r#"agent_vm_pool_size{{pool="{}",state="{state}"}}"#,
+            pool.id()
+        )
+    };
+    let text = scrape().await;
+    assert_eq!(metric(&text, &series("available")), Some(1.0), "{text}");
+    let boots = metric(&text, "agent_vm_boot_duration_seconds_count").unwrap();
+    assert!(boots >= 1.0, "{text}");
+
+    let lease = pool.acquire(WAIT).await.unwrap();
+    let vm = lease.id().to_string();
+    let text = scrape().await;
+    assert_eq!(metric(&text, &series("leased")), Some(1.0), "{text}");
+    assert_eq!(metric(&text, &series("available")), Some(0.0), "{text}");
+    let acquires = metric(&text, "agent_vm_pool_acquire_duration_seconds_count").unwrap();
+    let reverts = metric(&text, "agent_vm_revert_duration_seconds_count").unwrap_or(0.0);
+
+    lease.release().await.unwrap();
+    let text = scrape().await;
+    assert_eq!(metric(&text, &series("leased")), Some(0.0), "{text}");
+    assert_eq!(metric(&text, &series("available")), Some(1.0), "{text}");
+    assert!(metric(&text, "agent_vm_revert_duration_seconds_count").unwrap() > reverts);
+    assert!(metric(&text, "agent_vm_pool_acquire_duration_seconds_count").unwrap() >= acquires);
+    pool.shutdown().await;
+    server.abort();
+
+    // The lifecycle of that VM, in order.
+    let kinds: Vec<&'static str> = recorder
+        .events()
+        .iter()
+        .filter_map(|e| match e {
+            Event::VmCreated { vm: v, .. } if *v == vm => Some("created"),
+            Event::VmBooted { vm: v, .. } if *v == vm => Some("booted"),
+            Event::VmSnapshotted { vm: v, .. } if *v == vm => Some("snapshotted"),
+            Event::VmAcquired { vm: v, .. } if *v == vm => Some("acquired"),
+            Event::VmReleased { vm: v, .. } if *v == vm => Some("released"),
+            Event::VmReverted { vm: v, .. } if *v == vm => Some("reverted"),
+            Event::VmDestroyed { vm: v, .. } if *v == vm => Some("destroyed"),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "created",
+            "booted",
+            "snapshotted",
+            "acquired",
+            "released",
+            "reverted",
+            "destroyed"
+        ]
+    );
+}

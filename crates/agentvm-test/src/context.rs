@@ -10,6 +10,10 @@ use crate::run::AgentRun;
 /// What one test recorded.
 #[derive(Debug)]
 pub(crate) struct TestContext {
+    /// The test's full name.
+    pub test: String,
+    /// The VM the test runs on (once it has one).
+    pub vm: String,
     /// Default agent timeout (the configured exec timeout).
     pub exec_timeout: Duration,
     /// Every agent run of the test, in order.
@@ -25,8 +29,10 @@ tokio::task_local! {
 }
 
 impl TestContext {
-    pub(crate) fn new(exec_timeout: Duration) -> SharedContext {
+    pub(crate) fn new(test: &str, exec_timeout: Duration) -> SharedContext {
         Arc::new(Mutex::new(Self {
+            test: test.to_string(),
+            vm: String::new(),
             exec_timeout,
             runs: Vec::new(),
             secrets: Secrets::new(),

@@ -27,26 +27,42 @@
 //! * At the end every pool is shut down (no VM outlives the run) and the
 //!   process exits with libtest's exit code (101 when a test failed).
 //!
+//! * Observability: every VM lifecycle event and agent run is appended to the
+//!   audit log ([audit](crate::audit), `<artifacts_dir>/audit.jsonl`);
+//!   with `metrics_port` set, Prometheus metrics are served on
+//!   `http://127.0.0.1:<port>/metrics` while the run lasts
+//!   ([`agentvm_runtime::metrics`]); each test's runs are checked for
+//!   [anomalies](crate::anomaly) (kept in `anomalies.json` with the
+//!   artifacts, which are then kept; kinds in `fail_on` fail the test); at
+//!   the end a summary table goes to stderr and the [report](crate::report)
+//!   to `<artifacts_dir>/report.json` and `<artifacts_dir>/junit.xml`.
+//!
 //! Under `cargo nextest run` each test runs in its own process, which boots
-//! its own VM (a pool of at most one VM, as only one test is selected).
+//! its own VM (a pool of at most one VM, as only one test is selected); the
+//! report files then describe the last process's test only (the audit log is
+//! appended to by all).
 
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use agentvm_runtime::backend::{Backend, BackendError};
 use agentvm_runtime::config::{create_backend, parse_network, AgentVmConfig};
+use agentvm_runtime::events::{self, emit, Event, Subscription};
 use agentvm_runtime::image::locate_image;
 use agentvm_runtime::pool::{ReleaseOutcome, VmPool};
 use agentvm_runtime::spec::{ImagePaths, NetworkMode, ResourceProfile};
 use futures::FutureExt;
 use libtest_mimic::{Arguments, Completion, Failed, Trial};
 
+use crate::anomaly::{self, Anomaly, Baseline, Sample};
+use crate::audit::AuditLog;
 use crate::context::{self, SharedContext, TestContext};
 use crate::redact::Secrets;
 use crate::registry::{self, TestCase};
+use crate::report::{Report, TestRecord, TestResultKind};
 use crate::run::AgentRun;
 use crate::vm_ext::VmExt;
 
@@ -85,6 +101,8 @@ pub fn run_tests(mut args: Arguments, tests: &[&'static TestCase]) -> i32 {
         return 0;
     }
     install_panic_hook();
+    let started_at = SystemTime::now();
+    let started = Instant::now();
     let config = AgentVmConfig::load().map_err(|e| e.to_string());
     match &config {
         Ok(config) => {
@@ -115,6 +133,10 @@ pub fn run_tests(mut args: Arguments, tests: &[&'static TestCase]) -> i32 {
             }
         }
     }
+    let baseline = match &config {
+        Ok(config) => Baseline::load(&baseline_path(config)),
+        Err(_) => Baseline::default(),
+    };
     let harness = Arc::new(Harness {
         config,
         runtime: OnceLock::new(),
@@ -122,7 +144,11 @@ pub fn run_tests(mut args: Arguments, tests: &[&'static TestCase]) -> i32 {
         pools: Mutex::new(HashMap::new()),
         planned,
         keep_artifacts: keep_artifacts(),
+        records: Mutex::new(Vec::new()),
+        baseline: Mutex::new(baseline),
+        subscriptions: Mutex::new(Vec::new()),
     });
+    harness.observe();
     let run_ignored = args.ignored || args.include_ignored;
     let trials = tests
         .iter()
@@ -143,6 +169,27 @@ pub fn run_tests(mut args: Arguments, tests: &[&'static TestCase]) -> i32 {
         .collect();
     let conclusion = libtest_mimic::run(&args, trials);
     harness.shutdown();
+    if !run_ignored {
+        let mut records = harness.records.lock().unwrap_or_else(|e| e.into_inner());
+        for case in tests {
+            let name = case.full_name();
+            if case.is_ignored() && will_run(&args, &name, false) {
+                records.push(TestRecord {
+                    name,
+                    result: TestResultKind::Ignored,
+                    vm: None,
+                    duration_seconds: 0.0,
+                    acquire_seconds: None,
+                    revert_seconds: None,
+                    release: None,
+                    agent_runs: 0,
+                    anomalies: Vec::new(),
+                    message: case.config.ignore.flatten().map(str::to_string),
+                });
+            }
+        }
+    }
+    harness.finish(started_at, started.elapsed());
     if conclusion.has_failed() {
         FAILURE_EXIT_CODE
     } else {
@@ -247,12 +294,60 @@ struct Harness {
     pools: Mutex<HashMap<String, VmPool>>,
     planned: HashMap<String, usize>,
     keep_artifacts: bool,
+    /// Every test that ran, for the report.
+    records: Mutex<Vec<TestRecord>>,
+    /// Earlier runs' samples, for the anomaly statistics.
+    baseline: Mutex<Baseline>,
+    /// The audit log and metrics, registered for the whole run.
+    subscriptions: Mutex<Vec<Subscription>>,
 }
 
-/// What happened on the VM, for the artifacts.
+/// What happened on the VM, for the artifacts and the report.
 struct VmOutcome {
     result: Result<(), String>,
     serial_log: Option<Vec<u8>>,
+    /// The VM, when the test got one.
+    vm: Option<String>,
+    /// The test body.
+    duration: Duration,
+    acquire: Option<Duration>,
+    revert: Option<Duration>,
+    release: Option<String>,
+    /// The VM's memory.
+    memory_limit_bytes: Option<u64>,
+}
+
+impl VmOutcome {
+    fn failed(message: String) -> Self {
+        Self {
+            result: Err(message),
+            serial_log: None,
+            vm: None,
+            duration: Duration::ZERO,
+            acquire: None,
+            revert: None,
+            release: None,
+            memory_limit_bytes: None,
+        }
+    }
+}
+
+fn baseline_path(config: &AgentVmConfig) -> PathBuf {
+    config.artifacts_dir.join("baseline.json")
+}
+
+/// The test binary's name without cargo's hash suffix (`agents-0123abcd` → `agents`).
+fn suite_name() -> String {
+    let stem = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "agentvm".to_string());
+    match stem.rsplit_once('-') {
+        Some((name, hash)) if hash.len() == 16 && hash.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            name.to_string()
+        }
+        _ => stem,
+    }
 }
 
 impl Harness {
@@ -299,6 +394,81 @@ impl Harness {
         Ok(pool)
     }
 
+    /// Opens the audit log and, with `metrics_port`, starts the metrics
+    /// endpoint; both consume the runtime's events for the whole run.
+    fn observe(&self) {
+        let Ok(config) = &self.config else { return };
+        let mut subscriptions = self.subscriptions.lock().unwrap_or_else(|e| e.into_inner());
+        let path = config.audit_log_path();
+        match AuditLog::open(&path) {
+            Ok(log) => subscriptions.push(events::subscribe(Arc::new(log))),
+            Err(e) => eprintln!("agentvm: cannot open the audit log {}: {e}", path.display()),
+        }
+        if let Some(port) = config.metrics_port {
+            let metrics = Arc::new(agentvm_runtime::metrics::Metrics::new());
+            let runtime = self.runtime();
+            match runtime.block_on(agentvm_runtime::metrics::bind(port)) {
+                Ok(listener) => {
+                    eprintln!("agentvm: metrics on http://127.0.0.1:{port}/metrics");
+                    subscriptions.push(events::subscribe(metrics.clone()));
+                    runtime.spawn(agentvm_runtime::metrics::serve(listener, metrics));
+                }
+                Err(e) => eprintln!("agentvm: cannot serve metrics on 127.0.0.1:{port}: {e}"),
+            }
+        }
+    }
+
+    /// Writes the report (stderr table, report.json, junit.xml) and the baseline.
+    fn finish(&self, started_at: SystemTime, duration: Duration) {
+        let Ok(config) = &self.config else { return };
+        let records = std::mem::take(&mut *self.records.lock().unwrap_or_else(|e| e.into_inner()));
+        if records.is_empty() {
+            return;
+        }
+        let report = Report::new(started_at, duration, records);
+        eprint!("\nagentvm report:\n{}", report.table());
+        let dir = &config.artifacts_dir;
+        let files = [
+            ("report.json", report.to_json()),
+            ("junit.xml", report.junit_xml(&suite_name())),
+        ];
+        for (file, text) in files {
+            if let Err(e) = crate::report::write_atomic(&dir.join(file), text.as_bytes()) {
+                eprintln!("agentvm: cannot write {}: {e}", dir.join(file).display());
+            }
+        }
+        eprintln!(
+            "agentvm: report in {}, {}; audit log {}",
+            dir.join("report.json").display(),
+            dir.join("junit.xml").display(),
+            config.audit_log_path().display()
+        );
+        let baseline = self.baseline.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = baseline.save(&baseline_path(config)) {
+            eprintln!("agentvm: cannot write the anomaly baseline: {e}");
+        }
+    }
+
+    /// The anomalies of a test that ran (rules per agent run, statistics
+    /// against the baseline, which gets this run's sample).
+    fn anomalies(&self, name: &str, outcome: &VmOutcome, runs: &[AgentRun]) -> Vec<Anomaly> {
+        let mut found = Vec::new();
+        for (i, run) in runs.iter().enumerate() {
+            found.extend(anomaly::rule_anomalies(
+                run,
+                i + 1,
+                outcome.memory_limit_bytes,
+            ));
+        }
+        if outcome.vm.is_some() {
+            let sample = Sample::of(outcome.duration.as_secs_f64(), runs);
+            let mut baseline = self.baseline.lock().unwrap_or_else(|e| e.into_inner());
+            found.extend(anomaly::stat_anomalies(baseline.history(name), &sample));
+            baseline.record(name, sample);
+        }
+        found
+    }
+
     /// Runs one test (on a libtest-mimic worker thread).
     fn run(&self, case: &'static TestCase) -> Result<(), Failed> {
         let name = case.full_name();
@@ -308,20 +478,79 @@ impl Harness {
             .map_err(|e| Failed::from(format!("agentvm configuration error: {e}")))?;
         let artifacts = Artifacts::new(&config.artifacts_dir, &name);
         artifacts.clear();
-        let context = TestContext::new(config.exec_timeout);
+        let context = TestContext::new(&name, config.exec_timeout);
         let outcome =
             self.runtime()
                 .block_on(self.run_on_vm(case, config, &name, Arc::clone(&context)));
         let context = context.lock().unwrap_or_else(|e| e.into_inner());
-        let failure = outcome
+        let mut failure = outcome
             .result
+            .as_ref()
             .err()
-            .map(|message| context.secrets.redact(&message).into_owned());
-        if failure.is_some() || self.keep_artifacts {
+            .map(|message| context.secrets.redact(message).into_owned());
+        let mut anomalies = self.anomalies(&name, &outcome, &context.runs);
+        let fails = anomaly::apply_fail_on(&mut anomalies, &config.fail_on);
+        for a in &anomalies {
+            emit(Event::Anomaly {
+                test: name.clone(),
+                kind: a.kind.clone(),
+                message: a.message.clone(),
+            });
+        }
+        if fails {
+            let listed: Vec<String> = anomalies
+                .iter()
+                .filter(|a| a.fails)
+                .map(|a| format!("{}: {}", a.kind, a.message))
+                .collect();
+            let message = format!(
+                "anomalies that fail the test (fail_on):\n  {}",
+                listed.join("\n  ")
+            );
+            failure = Some(match failure {
+                Some(f) => format!("{f}\n{message}"),
+                None => message,
+            });
+        }
+        emit(Event::TestFinished {
+            test: name.clone(),
+            result: if failure.is_some() {
+                "failed"
+            } else {
+                "passed"
+            }
+            .to_string(),
+            vm: outcome.vm.clone(),
+            duration_seconds: outcome.duration.as_secs_f64(),
+            revert_seconds: outcome.revert.map(|d| d.as_secs_f64()),
+            anomalies: anomalies.iter().map(|a| a.kind.clone()).collect(),
+            failure: failure.clone(),
+        });
+        self.records
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(TestRecord {
+                name: name.clone(),
+                result: if failure.is_some() {
+                    TestResultKind::Failed
+                } else {
+                    TestResultKind::Passed
+                },
+                vm: outcome.vm.clone(),
+                duration_seconds: outcome.duration.as_secs_f64(),
+                acquire_seconds: outcome.acquire.map(|d| d.as_secs_f64()),
+                revert_seconds: outcome.revert.map(|d| d.as_secs_f64()),
+                release: outcome.release.clone(),
+                agent_runs: context.runs.len(),
+                anomalies: anomalies.clone(),
+                message: failure.clone(),
+            });
+        if failure.is_some() || self.keep_artifacts || !anomalies.is_empty() {
             let written = artifacts.write(
                 &context.runs,
                 failure.as_deref(),
                 outcome.serial_log.as_deref(),
+                &anomalies,
                 &context.secrets,
             );
             if let Err(e) = written {
@@ -347,10 +576,7 @@ impl Harness {
         name: &str,
         context: SharedContext,
     ) -> VmOutcome {
-        let failed = |message: String| VmOutcome {
-            result: Err(message),
-            serial_log: None,
-        };
+        let failed = VmOutcome::failed;
         let shape = match Shape::of(config, case) {
             Ok(shape) => shape,
             Err(e) => return failed(e),
@@ -369,6 +595,11 @@ impl Harness {
         };
         let acquire = lease.waited();
         let vm_id = lease.id().to_string();
+        context.lock().unwrap_or_else(|e| e.into_inner()).vm = vm_id.clone();
+        emit(Event::TestStarted {
+            test: name.to_string(),
+            vm: vm_id.clone(),
+        });
         let timeout = case
             .config
             .timeout
@@ -413,8 +644,10 @@ impl Harness {
             None
         };
         let release = lease.release();
+        let mut revert_time = None;
         let revert = match tokio::time::timeout(RELEASE_WAIT, release).await {
             Ok(Ok(ReleaseOutcome::Reverted(timings))) => {
+                revert_time = Some(timings.total);
                 format!("revert {}", fmt_duration(timings.total))
             }
             Ok(Ok(ReleaseOutcome::Recycled)) => "recycled".to_string(),
@@ -429,7 +662,16 @@ impl Harness {
             fmt_duration(elapsed),
             fmt_duration(acquire)
         );
-        VmOutcome { result, serial_log }
+        VmOutcome {
+            result,
+            serial_log,
+            vm: Some(vm_id),
+            duration: elapsed,
+            acquire: Some(acquire),
+            revert: revert_time,
+            release: Some(revert),
+            memory_limit_bytes: Some(u64::from(shape.profile.memory_mib()) << 20),
+        }
     }
 
     /// Shuts every pool down (destroying its VMs).
@@ -563,6 +805,7 @@ impl Artifacts {
         runs: &[AgentRun],
         failure: Option<&str>,
         serial_log: Option<&[u8]>,
+        anomalies: &[Anomaly],
         secrets: &Secrets,
     ) -> std::io::Result<()> {
         std::fs::create_dir_all(&self.dir)?;
@@ -584,6 +827,10 @@ impl Artifacts {
         }
         if let Some(failure) = failure {
             write("failure.txt".into(), failure)?;
+        }
+        if !anomalies.is_empty() {
+            let json = serde_json::to_string_pretty(anomalies).map_err(std::io::Error::other)?;
+            write("anomalies.json".into(), &json)?;
         }
         Ok(())
     }
@@ -696,6 +943,7 @@ mod tests {
                 &[],
                 Some("failed: hunter2"),
                 Some(b"console hunter2\n"),
+                &[],
                 &secrets,
             )
             .unwrap();

@@ -24,15 +24,21 @@
 //!   [`VmExt::run_agent`] runs it and returns an [`AgentRun`];
 //! * [`assert_agent_snapshot!`] snapshots the run with insta;
 //! * secrets ([`Agent::secret_env`]) are redacted everywhere ([`redact`]).
+//! * observability: the [`audit`] log, [`anomaly`] detection and the run
+//!   [`report`] (`report.json`, `junit.xml`); Prometheus metrics are in
+//!   [`agentvm_runtime::metrics`].
 //!
 //! Configuration: `.config/agentvm.toml` and `AGENT_VM_*` variables, see
 //! [`agentvm_runtime::config`].
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod anomaly;
+pub mod audit;
 pub mod harness;
 pub mod redact;
 pub mod registry;
+pub mod report;
 pub mod snapshot;
 
 mod agent;

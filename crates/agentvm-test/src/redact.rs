@@ -62,6 +62,11 @@ impl Secrets {
         self.entries.is_empty()
     }
 
+    /// The (name, value) pairs.
+    pub(crate) fn entries(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.entries.iter().map(|(n, v)| (n.as_str(), v.as_str()))
+    }
+
     /// The names of the secrets.
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.entries.iter().map(|(name, _)| name.as_str())

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use agentvm_runtime::client::ExecOutput;
 use agentvm_runtime::command::Command;
-use agentvm_runtime::protocol::ExitStatus;
+use agentvm_runtime::protocol::{ExitReport, ExitStatus};
 use agentvm_runtime::vm::{Vm, VmError};
 
 use crate::agent::{
@@ -170,6 +170,7 @@ impl VmExt for Vm {
 
 async fn run_agent(vm: &mut Vm, agent: &Agent, task: &Task) -> Result<AgentRun, AgentError> {
     let secrets = agent.secrets();
+    crate::audit::remember_secrets(&secrets);
     let context = crate::context::current();
     if let Some(context) = &context {
         context
@@ -262,6 +263,11 @@ async fn run_agent(vm: &mut Vm, agent: &Agent, task: &Task) -> Result<AgentRun, 
                 .map(|c| c.lock().unwrap_or_else(|e| e.into_inner()).exec_timeout)
         })
         .unwrap_or(agentvm_runtime::command::DEFAULT_EXEC_TIMEOUT);
+    let argv: Vec<String> = program
+        .iter()
+        .chain(&agent.args)
+        .map(|a| secrets.redact(a).into_owned())
+        .collect();
     let mut command = Command::from_argv(program)
         .args(agent.args.iter().cloned())
         .current_dir(WORKSPACE)
@@ -280,6 +286,11 @@ async fn run_agent(vm: &mut Vm, agent: &Agent, task: &Task) -> Result<AgentRun, 
         .exec(command)
         .await
         .map_err(AgentError::vm("running the agent"))?;
+    let test = context
+        .as_ref()
+        .map(|c| c.lock().unwrap_or_else(|e| e.into_inner()).test.clone())
+        .unwrap_or_default();
+    emit_execution(test, vm.id(), argv, &output.report);
     // 4. Changes.
     let changes = vm
         .workspace_changes(true)
@@ -294,6 +305,42 @@ async fn run_agent(vm: &mut Vm, agent: &Agent, task: &Task) -> Result<AgentRun, 
             .push(run.clone());
     }
     Ok(run)
+}
+
+/// Emits the [`Event::Execution`](agentvm_runtime::events::Event::Execution) of a run.
+fn emit_execution(test: String, vm: &str, argv: Vec<String>, report: &ExitReport) {
+    let resources = &report.resources;
+    let cpu = match (resources.user_cpu, resources.system_cpu) {
+        (None, None) => None,
+        (u, s) => Some(u.unwrap_or_default().as_secs_f64() + s.unwrap_or_default().as_secs_f64()),
+    };
+    let agent = argv
+        .first()
+        .map(|p| p.rsplit('/').next().unwrap_or(p).to_string())
+        .unwrap_or_default();
+    agentvm_runtime::events::emit(agentvm_runtime::events::Event::Execution(
+        agentvm_runtime::events::Execution {
+            test,
+            vm: vm.to_string(),
+            agent,
+            argv,
+            exit_code: match report.status {
+                ExitStatus::Code(code) => Some(code),
+                ExitStatus::Signal(_) => None,
+            },
+            signal: match report.status {
+                ExitStatus::Signal(signal) => Some(signal),
+                ExitStatus::Code(_) => None,
+            },
+            timed_out: report.timed_out,
+            duration_seconds: report.duration.as_secs_f64(),
+            stdout_bytes: report.stdout_bytes,
+            stderr_bytes: report.stderr_bytes,
+            output_truncated: report.stdout_truncated || report.stderr_truncated,
+            peak_rss_bytes: resources.peak_rss_bytes,
+            cpu_seconds: cpu,
+        },
+    ));
 }
 
 fn resolve(path: &Path, what: &'static str) -> Result<PathBuf, AgentError> {

@@ -16,9 +16,12 @@
 //! What this checks: listing, filtering, exit codes, ignore reasons, test
 //! timeouts, release (revert) of the VM after failures, panics and timeouts,
 //! missing images, artifacts, secret redaction in failure messages, snapshot
-//! naming and redactions, and insta's CI behaviour. What it cannot check:
-//! `run_agent` end to end (the mock lists no workspace changes), real boots,
-//! reverts and timings — those are checked by `examples/agent-suite` on real VMs.
+//! naming and redactions, insta's CI behaviour, and the observability
+//! outputs: audit log, report.json, junit.xml, anomalies (the mock's
+//! `mock-timeout` program "times out"), `fail_on`, and the metrics endpoint
+//! (scraped from inside a fixture test while the run lasts). What it cannot
+//! check: workspace changes (the mock lists none), real boots, reverts and
+//! timings — those are checked by `examples/agent-suite` on real VMs.
 
 use std::path::{Path, PathBuf};
 use std::process::Command as Process;
@@ -104,7 +107,6 @@ mod fixture {
     #[agent_vm_test]
     async fn j_secret_in_failure(vm: &mut Vm) -> TestResult {
         let agent = Agent::command(["echo", SECRET]).secret_env("TOKEN", SECRET);
-        // On the mock this fails when listing changes (after the secret is known).
         let result = vm.run_agent(&agent, Task::new()).await;
         Err(format!("the token is {SECRET}; run_agent: {:?}", result.err()).into())
     }
@@ -114,6 +116,67 @@ mod fixture {
         let agent = Agent::command(["echo"]).secret_env("TOKEN", SECRET);
         let _ = vm.run_agent(&agent, Task::prompt("p")).await;
         panic!("the token is {SECRET}");
+    }
+
+    /// A seeded anomaly: an agent killed at its timeout (the mock's
+    /// `mock-timeout`), with a secret in its arguments.
+    #[agent_vm_test]
+    async fn l_agent_times_out(vm: &mut Vm) -> TestResult {
+        let agent = Agent::command(["mock-timeout", SECRET]).secret_env("TOKEN", SECRET);
+        let run = vm.run_agent(&agent, Task::prompt("spin")).await?;
+        assert!(run.timed_out(), "{run:?}");
+        Ok(())
+    }
+
+    /// The value of the sample `series` (the full series text before the value).
+    pub fn metric(text: &str, series: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .and_then(|v| v.parse().ok())
+    }
+
+    /// With `AGENT_VM_METRICS_PORT` set, scrapes the harness's own metrics
+    /// endpoint while holding the only VM, runs an agent, and scrapes again.
+    #[agent_vm_test]
+    async fn m_metrics_endpoint(vm: &mut Vm) -> TestResult {
+        use agentvm_test::agentvm_runtime::metrics::http_get;
+        let Some(port) = std::env::var("AGENT_VM_METRICS_PORT")
+            .ok()
+            .and_then(|p| p.parse::<u16>().ok())
+        else {
+            return Ok(());
+        };
+        let (status, before) = http_get(port, "/metrics").await?;
+        assert_eq!(status, "HTTP/1.1 200 OK");
+        let leased: Vec<&str> = before
+            .lines()
+            .filter(|l| l.starts_with("agent_vm_pool_size{") && l.contains("state=\"leased\""))
+            .collect();
+        assert_eq!(leased.len(), 1, "{before}");
+        assert!(leased[0].ends_with(" 1"), "{before}");
+        assert!(
+            metric(&before, "agent_vm_boot_duration_seconds_count") >= Some(1.0),
+            "{before}"
+        );
+        assert!(
+            metric(&before, "agent_vm_revert_duration_seconds_count") >= Some(1.0),
+            "{before}"
+        );
+        assert!(
+            metric(&before, "agent_execution_timeout_total") >= Some(1.0),
+            "{before}"
+        );
+        let ok = r#"agent_execution_total{status="success"}"#;
+        let successes = metric(&before, ok).unwrap_or(0.0);
+        vm.run_agent(&Agent::command(["echo", "x"]), Task::new())
+            .await?;
+        let (_, after) = http_get(port, "/metrics").await?;
+        assert_eq!(metric(&after, ok), Some(successes + 1.0), "{after}");
+        assert!(
+            metric(&after, r#"agent_anomaly_total{kind="timeout"}"#) >= Some(1.0),
+            "{after}"
+        );
+        Ok(())
     }
 
     #[agent_vm_test]
@@ -378,6 +441,14 @@ mod driver {
                 "keep_artifacts_keeps_passing_tests_artifacts",
                 keep_artifacts_keeps_passing_tests_artifacts,
             ),
+            (
+                "observability_outputs_cover_the_run",
+                observability_outputs_cover_the_run,
+            ),
+            (
+                "fail_on_makes_an_anomaly_fail_the_test",
+                fail_on_makes_an_anomaly_fail_the_test,
+            ),
         ];
         let trials = checks
             .iter()
@@ -404,6 +475,8 @@ mod driver {
         "fixture::i_snapshot_unaccepted",
         "fixture::j_secret_in_failure",
         "fixture::k_secret_in_panic",
+        "fixture::l_agent_times_out",
+        "fixture::m_metrics_endpoint",
         "fixture::z_last",
     ];
 
@@ -481,7 +554,14 @@ mod driver {
             "fixture::k_secret_in_panic",
         ];
         check(failures == expected_failures, "the failing tests", out)?;
-        for test in ["a_passes", "d_after_panic", "h_snapshot", "z_last"] {
+        for test in [
+            "a_passes",
+            "d_after_panic",
+            "h_snapshot",
+            "l_agent_times_out",
+            "m_metrics_endpoint",
+            "z_last",
+        ] {
             let name = format!("fixture::{test}");
             check(
                 outcome(out, &name).as_deref() == Some("ok"),
@@ -491,7 +571,7 @@ mod driver {
         }
         check(
             out.stdout
-                .contains("test result: FAILED. 4 passed; 7 failed; 2 ignored"),
+                .contains("test result: FAILED. 6 passed; 7 failed; 2 ignored"),
             "summary",
             out,
         )?;
@@ -734,7 +814,7 @@ mod driver {
         check(out.code == 0, "exit 0", &out)?;
         check(
             out.stdout
-                .contains("1 passed; 0 failed; 0 ignored; 0 measured; 12 filtered out"),
+                .contains("1 passed; 0 failed; 0 ignored; 0 measured; 14 filtered out"),
             "one test",
             &out,
         )?;
@@ -789,6 +869,248 @@ mod driver {
         check(
             artifacts.join("fixture::z_last").is_dir(),
             "artifacts directory kept",
+            &out,
+        )
+    }
+
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port")
+    }
+
+    /// Every file under `dir`, recursively.
+    fn files_under(dir: &Path) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    stack.push(path);
+                } else {
+                    out.push(path);
+                }
+            }
+        }
+        out
+    }
+
+    fn observability_outputs_cover_the_run(env: &Env) -> Result<(), Failed> {
+        use serde_json::Value;
+        let dir = env.dir.path().join("observability");
+        let port = free_port().to_string();
+        let out = env.run(
+            &[],
+            &[
+                ("AGENT_VM_ARTIFACTS_DIR", dir.to_str().unwrap()),
+                ("AGENT_VM_METRICS_PORT", &port),
+            ],
+        );
+        check(out.code == 101, "exit code 101", &out)?;
+        for test in ["fixture::l_agent_times_out", "fixture::m_metrics_endpoint"] {
+            check(
+                outcome(&out, test).as_deref() == Some("ok"),
+                &format!("{test} ... ok"),
+                &out,
+            )?;
+        }
+        check(
+            out.stderr.contains(&format!(
+                "agentvm: metrics on http://127.0.0.1:{port}/metrics"
+            )),
+            "metrics endpoint announced",
+            &out,
+        )?;
+        // The summary table.
+        let table = out
+            .stderr
+            .split_once("agentvm report:\n")
+            .map(|(_, t)| t)
+            .unwrap_or("");
+        check(
+            table.starts_with("test ")
+                && line_with(table, "fixture::l_agent_times_out")
+                    .is_some_and(|l| l.contains("passed") && l.ends_with("timeout"))
+                && line_with(table, "fixture::b_fails").is_some_and(|l| l.contains("failed"))
+                && table.contains("6 passed, 7 failed, 2 ignored, 1 anomaly in "),
+            "summary table",
+            &out,
+        )?;
+
+        // Audit log: every line a JSON object with a UTC timestamp.
+        let audit = std::fs::read_to_string(dir.join("audit.jsonl"))
+            .map_err(|e| format!("audit log: {e}"))?;
+        let mut events = Vec::new();
+        for line in audit.lines() {
+            let value: Value = serde_json::from_str(line).map_err(|e| format!("{e}: {line}"))?;
+            let ts = value["ts"].as_str().unwrap_or("");
+            check(
+                ts.len() == 24 && ts.ends_with('Z') && ts.as_bytes()[10] == b'T',
+                &format!("RFC 3339 UTC ts in {line}"),
+                &out,
+            )?;
+            check(
+                value["event"].is_string(),
+                &format!("event in {line}"),
+                &out,
+            )?;
+            events.push(value);
+        }
+        let field = |v: &Value, k: &str| v[k].as_str().unwrap_or("").to_string();
+        let a_passes = "fixture::a_passes";
+        let vm = events
+            .iter()
+            .find(|e| field(e, "event") == "test_started" && field(e, "test") == a_passes)
+            .map(|e| field(e, "vm"))
+            .ok_or("no test_started for a_passes")?;
+        // The whole life of a_passes's VM and test, in order.
+        let life: Vec<String> = events
+            .iter()
+            .filter(|e| {
+                let ev = field(e, "event");
+                if ev.starts_with("test_") {
+                    field(e, "test") == a_passes
+                } else {
+                    field(e, "vm") == vm
+                }
+            })
+            .map(|e| field(e, "event"))
+            .collect();
+        let expected = [
+            "vm_created",
+            "vm_booted",
+            "vm_snapshotted",
+            "vm_acquired",
+            "test_started",
+            "vm_released",
+            "vm_reverted",
+            "test_finished",
+            "vm_destroyed",
+        ];
+        let mut rest = life.iter();
+        for step in expected {
+            check(
+                rest.any(|e| e == step),
+                &format!("{step} in order in {life:?}"),
+                &out,
+            )?;
+        }
+        let finished = events
+            .iter()
+            .find(|e| field(e, "event") == "test_finished" && field(e, "test") == a_passes)
+            .ok_or("no test_finished")?;
+        check(
+            finished["result"] == "passed" && finished["revert_seconds"].is_f64(),
+            "a_passes finished, reverted",
+            &out,
+        )?;
+        let execution = events
+            .iter()
+            .find(|e| {
+                field(e, "event") == "execution" && field(e, "test") == "fixture::l_agent_times_out"
+            })
+            .ok_or("no execution of l_agent_times_out")?;
+        check(
+            execution["timed_out"] == true
+                && execution["agent"] == "mock-timeout"
+                && execution["argv"][1] == "[secret:TOKEN]"
+                && execution["duration_seconds"].is_f64()
+                && execution["vm"] == vm.as_str(),
+            &format!("execution record {execution}"),
+            &out,
+        )?;
+        check(
+            events.iter().any(|e| {
+                field(e, "event") == "anomaly"
+                    && field(e, "kind") == "timeout"
+                    && field(e, "test") == "fixture::l_agent_times_out"
+            }),
+            "timeout anomaly in the audit log",
+            &out,
+        )?;
+
+        // report.json.
+        let report: Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("report.json")).map_err(|e| e.to_string())?,
+        )
+        .map_err(|e| e.to_string())?;
+        let tests = report["tests"].as_array().ok_or("tests in report.json")?;
+        let names: Vec<&str> = tests.iter().filter_map(|t| t["name"].as_str()).collect();
+        check(
+            names == ALL_TESTS,
+            &format!("every test in report.json: {names:?}"),
+            &out,
+        )?;
+        let by_name = |n: &str| tests.iter().find(|t| t["name"] == n).unwrap();
+        check(
+            by_name("fixture::a_passes")["result"] == "passed"
+                && by_name("fixture::a_passes")["revert_seconds"].is_f64()
+                && by_name("fixture::b_fails")["result"] == "failed"
+                && by_name("fixture::e_ignored_with_reason")["message"] == "needs a real VM"
+                && by_name("fixture::l_agent_times_out")["anomalies"][0]["kind"] == "timeout"
+                && report["failed"] == 7
+                && report["passed"] == 6
+                && report["ignored"] == 2,
+            "report.json contents",
+            &out,
+        )?;
+        let anomalies = dir.join("fixture::l_agent_times_out/anomalies.json");
+        check(anomalies.exists(), "anomalies.json kept", &out)?;
+
+        // junit.xml.
+        let junit = std::fs::read_to_string(dir.join("junit.xml")).map_err(|e| e.to_string())?;
+        check(
+            junit.starts_with("<?xml")
+                && junit.contains("<testsuite name=\"harness\" tests=\"15\" failures=\"7\"")
+                && junit.contains("<testcase classname=\"fixture\" name=\"a_passes\"")
+                && junit.matches("<failure ").count() == 7
+                && junit.matches("<skipped ").count() == 2,
+            &format!("junit.xml:\n{junit}"),
+            &out,
+        )?;
+
+        // No secret anywhere.
+        for path in files_under(&dir) {
+            let text =
+                String::from_utf8_lossy(&std::fs::read(&path).unwrap_or_default()).into_owned();
+            check(
+                !text.contains(SECRET),
+                &format!("secret in {}", path.display()),
+                &out,
+            )?;
+        }
+        check(
+            !out.stdout.contains(SECRET) && !out.stderr.contains(SECRET),
+            "secret not printed",
+            &out,
+        )
+    }
+
+    fn fail_on_makes_an_anomaly_fail_the_test(env: &Env) -> Result<(), Failed> {
+        let dir = env.dir.path().join("fail-on");
+        let out = env.run(
+            &["--exact", "fixture::l_agent_times_out"],
+            &[
+                ("AGENT_VM_ARTIFACTS_DIR", dir.to_str().unwrap()),
+                ("AGENT_VM_FAIL_ON", "timeout"),
+            ],
+        );
+        check(out.code == 101, "exit code 101", &out)?;
+        check(
+            out.stdout
+                .contains("anomalies that fail the test (fail_on):")
+                && out
+                    .stdout
+                    .contains("timeout: agent run 1 was killed at its timeout"),
+            "the anomaly is the failure",
+            &out,
+        )?;
+        check(
+            line_with(&out.stderr, "fixture::l_agent_times_out")
+                .is_some_and(|_| out.stderr.contains("timeout (fails)")),
+            "marked in the table",
             &out,
         )
     }

@@ -11,6 +11,7 @@
 
 use std::time::Duration;
 
+use agentvm_test::anomaly;
 use agentvm_test::prelude::*;
 
 const HELLO: &str = "examples/agents/hello.sh";
@@ -158,6 +159,41 @@ async fn loop_is_killed_at_its_timeout(vm: &mut Vm) -> TestResult {
     assert!(run.signal().is_some());
     assert!(run.duration() >= Duration::from_secs(3));
     assert_agent_snapshot!(run);
+    Ok(())
+}
+
+/// Observability on a real VM: a spinning agent's run is a `timeout`
+/// anomaly, its execution is in the audit log as soon as it ends (secrets
+/// redacted), and the host can sample the VM's QEMU process.
+#[agent_vm_test(timeout = "60s")]
+async fn spinning_agent_is_audited_as_an_anomaly(vm: &mut Vm) -> TestResult {
+    const TOKEN: &str = "spin-s3cret-value";
+    let agent = Agent::script(LOOP)
+        .arg(TOKEN)
+        .secret_env("SPIN_TOKEN", TOKEN)
+        .timeout(Duration::from_secs(2));
+    let run = vm.run_agent(&agent, Task::prompt("spin")).await?;
+    assert!(run.timed_out(), "{run:#?}");
+    let found = anomaly::rule_anomalies(&run, 1, Some(256 << 20));
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].kind, "timeout");
+    let config = agentvm_test::agentvm_runtime::config::AgentVmConfig::load()?;
+    let audit = std::fs::read_to_string(config.audit_log_path())?;
+    assert!(!audit.contains(TOKEN), "secret in the audit log");
+    let line = audit
+        .lines()
+        .rev()
+        .find(|l| {
+            l.contains(r#""event":"execution""#)
+                && l.contains(r#""test":"spinning_agent_is_audited_as_an_anomaly""#)
+        })
+        .ok_or("no execution line in the audit log")?;
+    assert!(line.contains(r#""timed_out":true"#), "{line}");
+    assert!(line.contains(r#""agent":"loop.sh""#), "{line}");
+    assert!(line.contains("[secret:SPIN_TOKEN]"), "{line}");
+    assert!(line.contains(&format!(r#""vm":"{}""#, vm.id())), "{line}");
+    let usage = vm.sample_resources().ok_or("no QEMU process to sample")?;
+    assert!(usage.rss_bytes > 0 && usage.cpu_seconds > 0.0, "{usage:?}");
     Ok(())
 }
 

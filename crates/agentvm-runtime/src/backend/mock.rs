@@ -1,7 +1,9 @@
 //! An in-process fake backend for fast tests of the pool and harness logic.
 //! Its "guest" is a task that speaks the real protocol over an in-memory pipe:
 //! it answers Hello and Ping, and runs no real commands (an Exec of `echo
-//! ARGS…` prints the args; anything else exits 0). Failures can be injected.
+//! ARGS…` prints the args; `mock-timeout` reports a run killed at its
+//! timeout; anything else exits 0), and lists no workspace changes.
+//! Failures can be injected.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -13,7 +15,7 @@ use tokio::io::DuplexStream;
 
 use super::{Backend, BackendError, BoxedChannel, Machine, RevertOutcome};
 use crate::protocol::{
-    Ack, ExitReport, ExitStatus, FrameReader, FrameWriter, Hello, Message, OutputChunk,
+    Ack, ChangeList, ExitReport, ExitStatus, FrameReader, FrameWriter, Hello, Message, OutputChunk,
     OutputStream, Pong, ResourceUsage, PROTOCOL_VERSION,
 };
 use crate::spec::VmSpec;
@@ -213,6 +215,7 @@ async fn fake_guest(stream: DuplexStream) {
             Message::Ping(ping) => vec![Message::Pong(Pong { nonce: ping.nonce })],
             Message::Exec(exec) => {
                 let mut out = Vec::new();
+                let timeout = exec.argv.first().map(String::as_str) == Some("mock-timeout");
                 if exec.argv.first().map(String::as_str) == Some("echo") {
                     let text = exec.argv[1..].join(" ") + "\n";
                     out.push(Message::Output(OutputChunk {
@@ -221,8 +224,12 @@ async fn fake_guest(stream: DuplexStream) {
                     }));
                 }
                 out.push(Message::Exit(ExitReport {
-                    status: ExitStatus::Code(0),
-                    timed_out: false,
+                    status: if timeout {
+                        ExitStatus::Signal(9)
+                    } else {
+                        ExitStatus::Code(0)
+                    },
+                    timed_out: timeout,
                     duration: Duration::from_millis(1),
                     resources: ResourceUsage::default(),
                     stdout_bytes: 0,
@@ -232,6 +239,9 @@ async fn fake_guest(stream: DuplexStream) {
                 }));
                 out
             }
+            Message::ListChanges(_) => vec![Message::Changes(ChangeList {
+                changes: Vec::new(),
+            })],
             _ => vec![Message::Ok(Ack {})],
         };
         for reply in replies {

@@ -11,6 +11,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::spec::VmSpec;
 
+#[cfg(feature = "libvirt")]
+pub mod libvirt;
 pub mod mock;
 pub mod qemu;
 
@@ -138,6 +140,12 @@ pub trait Machine: Send + Sync {
 
     /// Path of the serial console log, for artifacts.
     fn serial_log_path(&self) -> Option<PathBuf>;
+
+    /// Host process id of the hypervisor, when there is one (for resource
+    /// sampling from `/proc`).
+    fn host_pid(&self) -> Option<u32> {
+        None
+    }
 }
 
 /// What a revert did to the control channel.

@@ -526,6 +526,10 @@ impl Machine for QemuMachine {
         &self.id
     }
 
+    fn host_pid(&self) -> Option<u32> {
+        self.pid()
+    }
+
     async fn connect_channel(&mut self) -> Result<BoxedChannel, BackendError> {
         if self.transport == Transport::Vsock {
             return Err(control(
