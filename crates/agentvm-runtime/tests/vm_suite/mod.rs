@@ -1,0 +1,272 @@
+//! The real-VM suite, shared by every backend: boot → Hello → golden
+//! snapshot, exec, files, revert restores state, timeouts, crash detection,
+//! two VMs, pool acquire/release.
+//!
+//! A test file provides `fn backend() -> Arc<dyn Backend>` and expands
+//! [`vm_suite_tests!`] (see `vm_qemu.rs`, `vm_libvirt.rs`). Needs the image of
+//! `cargo xtask build-image` (target/agentvm/images/default); without it every
+//! test fails with that command in the message.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use agentvm_runtime::backend::Backend;
+use agentvm_runtime::command::Command;
+use agentvm_runtime::image::locate_image;
+use agentvm_runtime::protocol::ExitStatus;
+use agentvm_runtime::spec::{Accel, NetworkMode, ResourceProfile, VmSpec};
+use agentvm_runtime::vm::Vm;
+
+pub fn images_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/agentvm/images")
+}
+
+pub fn spec() -> VmSpec {
+    let image = locate_image("default", &images_dir()).unwrap_or_else(|e| panic!("{e}"));
+    VmSpec {
+        image,
+        profile: ResourceProfile::Minimal,
+        network: NetworkMode::Isolated,
+        accel: Accel::Auto,
+        boot_timeout: Duration::from_secs(120),
+    }
+}
+
+pub async fn boot_on(backend: &dyn Backend) -> Vm {
+    Vm::boot(backend, spec())
+        .await
+        .unwrap_or_else(|e| panic!("boot on {} failed: {e}", backend.name()))
+}
+
+pub async fn sh(vm: &mut Vm, script: &str) -> (i32, String, String) {
+    let out = vm
+        .exec(Command::shell(script))
+        .await
+        .unwrap_or_else(|e| panic!("{script}: {e}"));
+    let code = match out.report.status {
+        ExitStatus::Code(c) => c,
+        ExitStatus::Signal(s) => 128 + s,
+    };
+    (
+        code,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Expands the suite's `#[tokio::test]`s; the calling file defines
+/// `fn backend() -> std::sync::Arc<dyn agentvm_runtime::backend::Backend>`.
+#[macro_export]
+macro_rules! vm_suite_tests {
+    () => {
+        mod suite {
+        use std::time::Duration;
+
+        use super::backend;
+
+        use agentvm_runtime::backend::BackendError;
+        use agentvm_runtime::client::ClientError;
+        use agentvm_runtime::command::Command;
+        use agentvm_runtime::pool::{PoolConfig, ReleaseOutcome, VmPool};
+        use agentvm_runtime::protocol::{ErrorKind, ExitStatus};
+        use agentvm_runtime::vm::{Vm, VmError};
+
+        use $crate::vm_suite::{sh, spec};
+
+        async fn boot() -> Vm {
+            let backend = backend();
+            $crate::vm_suite::boot_on(&*backend).await
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn boots_and_says_hello() {
+            let mut vm = boot().await;
+            let hello = vm.guest_info().clone();
+            assert!(hello.software.starts_with("agentvm-guest"), "{hello:?}");
+            assert_eq!(hello.workspace_root.as_deref(), Some("/workspace"));
+            assert!(
+                hello.kernel.as_deref().unwrap_or("").contains("cloud-amd64"),
+                "{hello:?}"
+            );
+            vm.ping().await.unwrap();
+            let t = vm.boot_timings();
+            eprintln!(
+                "[{}] boot to hello {:?}, golden snapshot {:?}",
+                backend().name(),
+                t.to_hello,
+                t.snapshot
+            );
+            vm.destroy().await.unwrap();
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn exec_exit_codes_stdout_stderr_and_uname() {
+            let mut vm = boot().await;
+            assert_eq!(
+                sh(&mut vm, "echo out; echo err >&2; exit 7").await,
+                (7, "out\n".into(), "err\n".into())
+            );
+            let (code, stdout, _) = sh(&mut vm, "uname -s; pwd; id -u").await;
+            assert_eq!((code, stdout.as_str()), (0, "Linux\n/workspace\n0\n"));
+            let err = vm.exec(Command::new("/no/such/program")).await.unwrap_err();
+            assert!(
+                matches!(
+                    err.guest_error(),
+                    Some(ClientError::Guest {
+                        kind: ErrorKind::SpawnFailed | ErrorKind::NotFound,
+                        ..
+                    })
+                ),
+                "{err}"
+            );
+            vm.destroy().await.unwrap();
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn file_round_trip() {
+            let mut vm = boot().await;
+            let data: Vec<u8> = (0..3 * 1024 * 1024u32)
+                .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+                .collect();
+            vm.write_file("blob.bin", &data, 0o750).await.unwrap();
+            let (back, mode) = vm.read_file("/workspace/blob.bin").await.unwrap();
+            assert_eq!(mode & 0o777, 0o750);
+            assert!(back == data, "content differs after the round trip");
+            let (_, sum, _) = sh(&mut vm, "sha256sum blob.bin | cut -d' ' -f1").await;
+            use sha2::Digest;
+            assert_eq!(sum.trim(), hex::encode(sha2::Sha256::digest(&data)));
+            vm.destroy().await.unwrap();
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn revert_restores_the_golden_state() {
+            let mut vm = boot().await;
+            vm.write_file("notes.txt", b"agent was here\n", 0o644)
+                .await
+                .unwrap();
+            let (code, _, _) = sh(
+                &mut vm,
+                "echo x > /etc/agent-mark && rm -f /bin/ls && ! test -e /bin/ls",
+            )
+            .await;
+            assert_eq!(code, 0, "the damage was done");
+            let timings = vm.revert().await.unwrap();
+            eprintln!("[{}] revert: {timings:?}", backend().name());
+            let (code, stdout, _) = sh(
+                &mut vm,
+                "test -e /bin/ls && echo ls-back; ls /workspace; test -e /etc/agent-mark || echo mark-gone",
+            )
+            .await;
+            assert_eq!((code, stdout.as_str()), (0, "ls-back\nmark-gone\n"));
+            assert!(
+                vm.workspace_changes(false).await.unwrap().is_empty(),
+                "workspace is at its baseline again"
+            );
+            // Reverting again and again keeps working.
+            for _ in 0..3 {
+                sh(&mut vm, "touch /workspace/again").await;
+                vm.revert().await.unwrap();
+            }
+            let (_, stdout, _) = sh(&mut vm, "ls /workspace").await;
+            assert_eq!(stdout, "");
+            vm.destroy().await.unwrap();
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn timeout_kills_a_runaway() {
+            let mut vm = boot().await;
+            let out = vm
+                .exec(
+                    Command::shell(
+                        "trap '' TERM; (while :; do :; done) & while :; do sleep 1; done",
+                    )
+                    .timeout(Duration::from_secs(2)),
+                )
+                .await
+                .unwrap();
+            assert!(out.report.timed_out);
+            assert_eq!(out.report.status, ExitStatus::Signal(9));
+            // Nothing of the tree is left burning CPU.
+            let (_, stdout, _) = sh(&mut vm, "ps -o pid,comm | grep -c 'sh$' || true").await;
+            assert!(
+                stdout.trim().parse::<u32>().unwrap() <= 1,
+                "leftover shells: {stdout}"
+            );
+            vm.destroy().await.unwrap();
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_guest_kernel_panic_is_a_typed_error_with_the_serial_tail() {
+            let mut vm = boot().await;
+            let result = tokio::time::timeout(
+                Duration::from_secs(90),
+                vm.exec(
+                    Command::shell("echo c > /proc/sysrq-trigger").timeout(Duration::from_secs(60)),
+                ),
+            )
+            .await
+            .expect("a crash is detected, not a hang");
+            let err = result.expect_err("the VM crashed");
+            match &err {
+                VmError::Backend(BackendError::Crashed { serial_tail, .. }) => {
+                    assert!(
+                        serial_tail.contains("sysrq") || serial_tail.contains("Kernel panic"),
+                        "{serial_tail}"
+                    );
+                }
+                other => panic!("expected a crash, got {other}"),
+            }
+            assert!(err.vm_is_broken());
+            vm.destroy().await.unwrap();
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn two_vms_do_not_interfere() {
+            let (mut a, mut b) = tokio::join!(boot(), boot());
+            assert_ne!(a.id(), b.id());
+            sh(&mut a, "echo a > /workspace/who").await;
+            sh(&mut b, "echo b > /workspace/who").await;
+            assert_eq!(a.read_file("who").await.unwrap().0, b"a\n");
+            assert_eq!(b.read_file("who").await.unwrap().0, b"b\n");
+            a.revert().await.unwrap();
+            assert_eq!(
+                b.read_file("who").await.unwrap().0,
+                b"b\n",
+                "reverting a leaves b alone"
+            );
+            let (_, stdout, _) = sh(&mut a, "cat /workspace/who 2>/dev/null || echo none").await;
+            assert_eq!(stdout, "none\n");
+            a.destroy().await.unwrap();
+            b.destroy().await.unwrap();
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn pool_acquire_release_reverts() {
+            let pool = VmPool::new(
+                backend(),
+                PoolConfig {
+                    min_size: 1,
+                    max_size: 1,
+                    max_uses: None,
+                    ttl: None,
+                    spec: spec(),
+                },
+            )
+            .unwrap();
+            pool.wait_ready(Duration::from_secs(180)).await.unwrap();
+            let mut lease = pool.acquire(Duration::from_secs(180)).await.unwrap();
+            let (code, _, _) = sh(&mut lease, "echo dirty > /workspace/state").await;
+            assert_eq!(code, 0);
+            let outcome = lease.release().await.unwrap();
+            assert!(matches!(outcome, ReleaseOutcome::Reverted(_)), "{outcome:?}");
+            let mut lease = pool.acquire(Duration::from_secs(180)).await.unwrap();
+            let (_, stdout, _) = sh(&mut lease, "ls /workspace").await;
+            assert_eq!(stdout, "", "the next lease starts clean");
+            drop(lease);
+            pool.shutdown().await;
+        }
+        }
+    };
+}
