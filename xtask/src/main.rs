@@ -1,6 +1,8 @@
 //! `cargo xtask`: project automation (guest image, set-up, benchmarks).
 
+mod bench;
 mod image;
+mod network;
 mod tasks;
 mod util;
 
@@ -27,6 +29,12 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Measure real-VM costs on this machine (boot, snapshot, revert, acquire,
+    /// exec, files, suite throughput, pool warm-up, memory) and print a table.
+    Bench(bench::BenchArgs),
+    /// Define and start the libvirt network `agentvm-nat` and nwfilter
+    /// `agentvm-egress` used by `network = "nat-filtered"` (idempotent).
+    SetupNetwork(network::SetupNetworkArgs),
     /// Set up, then run the example agent suite in real VMs.
     Demo {
         /// Arguments passed to the suite's test binary.
@@ -41,6 +49,8 @@ fn main() -> ExitCode {
         Command::Setup(args) => tasks::setup(&args),
         Command::Test { args } => tasks::test(&args),
         Command::Demo { args } => tasks::demo(&args),
+        Command::Bench(args) => bench::run(args),
+        Command::SetupNetwork(args) => network::run(&args),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
@@ -70,5 +80,19 @@ mod tests {
         assert_eq!(a.name, "x");
         assert!(a.force);
         assert_eq!(a.kernel_package, "linux-image-cloud-amd64");
+        let cli = Cli::try_parse_from(["xtask", "bench", "--quick", "--json", "out.json"]).unwrap();
+        let Command::Bench(b) = cli.command else {
+            panic!("parsed as bench")
+        };
+        assert!(b.quick);
+        assert_eq!(b.backend, bench::BackendArg::Qemu);
+        assert_eq!(b.json.as_deref(), Some(std::path::Path::new("out.json")));
+        let cli = Cli::try_parse_from(["xtask", "bench", "--backend", "libvirt"]).unwrap();
+        let Command::Bench(b) = cli.command else {
+            panic!("parsed as bench")
+        };
+        assert_eq!(b.backend, bench::BackendArg::Libvirt);
+        assert!(Cli::try_parse_from(["xtask", "bench", "--backend", "xen"]).is_err());
+        assert!(Cli::try_parse_from(["xtask", "bench", "--suite-tests", "41"]).is_err());
     }
 }

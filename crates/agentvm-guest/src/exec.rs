@@ -248,7 +248,8 @@ pub async fn run(spawned: Spawned, request_id: u64, out: Outbox) -> ExitReport {
     let mut killer: Option<tokio::task::JoinHandle<()>> = None;
     // The first scan waits a whole interval: a short command (the common
     // case) then costs one /proc scan (at the end) instead of two.
-    let mut scan = tokio::time::interval_at(tokio::time::Instant::now() + SCAN_INTERVAL, SCAN_INTERVAL);
+    let mut scan =
+        tokio::time::interval_at(tokio::time::Instant::now() + SCAN_INTERVAL, SCAN_INTERVAL);
     scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     let reaped = loop {

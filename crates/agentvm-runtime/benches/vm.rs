@@ -49,10 +49,17 @@ fn spec() -> VmSpec {
 }
 
 fn main() {
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     runtime.block_on(async {
         let backend = Arc::new(QemuBackend::new(QemuConfig::default()).unwrap());
-        println!("accelerator: {} ({})", backend.auto_accel().accel, backend.auto_accel().reason);
+        println!(
+            "accelerator: {} ({})",
+            backend.auto_accel().accel,
+            backend.auto_accel().reason
+        );
 
         let mut vm = Vm::boot(backend.as_ref(), spec()).await.unwrap();
         let boot = vm.boot_timings();
@@ -62,7 +69,9 @@ fn main() {
         let mut reverts = Vec::new();
         let mut restores = Vec::new();
         for i in 0..30 {
-            vm.exec(Command::shell(format!("echo {i} > /workspace/f"))).await.unwrap();
+            vm.exec(Command::shell(format!("echo {i} > /workspace/f")))
+                .await
+                .unwrap();
             let t = vm.revert().await.unwrap();
             reverts.push(t.total);
             restores.push(t.restore);
@@ -79,7 +88,13 @@ fn main() {
         report("exec `true`", execs);
         vm.destroy().await.unwrap();
 
-        let config = PoolConfig { min_size: 2, max_size: 2, max_uses: None, ttl: None, spec: spec() };
+        let config = PoolConfig {
+            min_size: 2,
+            max_size: 2,
+            max_uses: None,
+            ttl: None,
+            spec: spec(),
+        };
         let pool = VmPool::new(backend.clone(), config).unwrap();
         pool.wait_ready(Duration::from_secs(300)).await.unwrap();
         let mut acquires = Vec::new();

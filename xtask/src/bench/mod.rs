@@ -1,0 +1,339 @@
+//! `cargo xtask bench [--quick] [--backend qemu|libvirt] [--json PATH]`:
+//! measures the real-VM costs on this machine in one run and prints a table
+//! (and writes a JSON report, schema in the README).
+//!
+//! xtask does not link the runtime (it must build without libvirt headers):
+//! it builds `examples/bench-suite` in release mode and runs
+//!
+//! 1. `agentvm-bench` — boots, snapshot, reverts, exec round trips, file
+//!    put/get, pool warm-up and acquires; it writes raw samples as JSON;
+//! 2. the suite's test binary (`tests/trivial.rs`, N trivial agent tests)
+//!    three times: a warm pool of 2, a fresh VM per test 2 at a time, and a
+//!    fresh VM per test one at a time — only the binary's run is timed;
+//!
+//! while a thread samples the memory of every process below this one
+//! ([`procs`]). Percentiles are computed here ([`stats`]).
+
+mod machine;
+mod procs;
+mod progress;
+mod report;
+mod stats;
+mod suite;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+
+use self::machine::Machine;
+use self::progress::{Event, Printer};
+use self::report::{
+    Inputs, Raw, Report, Samples, DEFAULT_SUITE_TESTS, MIN_ACQUIRES, MIN_BOOTS, MIN_EXECS,
+    MIN_REVERTS,
+};
+use self::suite::{NAIVE, NAIVE_SERIAL, POOLED, REGISTERED_TESTS};
+use crate::util::{rfc3339_utc, show_command, workspace_root};
+
+/// Which backend runs the VMs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendArg {
+    /// QEMU started directly (`-M microvm`).
+    Qemu,
+    /// libvirt (not built yet).
+    Libvirt,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// Fewer samples and a 10-test suite (about 2 minutes; the output says
+    /// which counts are below the full run's).
+    #[arg(long)]
+    pub quick: bool,
+    /// The VM backend to measure.
+    #[arg(long, value_enum, default_value_t = BackendArg::Qemu)]
+    pub backend: BackendArg,
+    /// Where to write the JSON report [default: target/agentvm/bench.json].
+    #[arg(long, value_name = "PATH")]
+    pub json: Option<PathBuf>,
+    /// Trivial tests in the suite comparison [default: 40, --quick: 10; at most 40].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=REGISTERED_TESTS as i64))]
+    pub suite_tests: Option<u16>,
+}
+
+/// Sample counts of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Plan {
+    pub boots: usize,
+    pub reverts: usize,
+    pub execs: usize,
+    pub acquires: usize,
+    pub file_rounds: usize,
+    pub warmup_vms: usize,
+    pub suite_tests: usize,
+}
+
+impl Plan {
+    pub fn new(quick: bool, suite_tests: Option<usize>) -> Self {
+        let base = if quick {
+            Self {
+                boots: 3,
+                reverts: MIN_REVERTS,
+                execs: MIN_EXECS,
+                acquires: MIN_ACQUIRES,
+                file_rounds: 1,
+                warmup_vms: 4,
+                suite_tests: 10,
+            }
+        } else {
+            Self {
+                boots: MIN_BOOTS,
+                reverts: 50,
+                execs: 500,
+                acquires: MIN_ACQUIRES,
+                file_rounds: 3,
+                warmup_vms: 4,
+                suite_tests: DEFAULT_SUITE_TESTS,
+            }
+        };
+        Self {
+            suite_tests: suite_tests.unwrap_or(base.suite_tests),
+            ..base
+        }
+    }
+
+    /// Where the counts are below the issue's minimums.
+    pub fn below_minimums(&self) -> Vec<String> {
+        let checks = [
+            ("cold boots", self.boots, MIN_BOOTS),
+            ("reverts", self.reverts, MIN_REVERTS),
+            ("execs", self.execs, MIN_EXECS),
+            ("acquires", self.acquires, MIN_ACQUIRES),
+            ("suite tests", self.suite_tests, DEFAULT_SUITE_TESTS),
+        ];
+        checks
+            .iter()
+            .filter(|(_, n, min)| n < min)
+            .map(|(what, n, min)| format!("{what} n = {n} < {min}"))
+            .collect()
+    }
+
+    fn samples(&self) -> Samples {
+        Samples {
+            cold_boots: self.boots,
+            reverts: self.reverts,
+            execs: self.execs,
+            acquires: self.acquires,
+            file_rounds: self.file_rounds,
+            warmup_vms: self.warmup_vms,
+            suite_tests: self.suite_tests,
+            below_minimums: self.below_minimums(),
+        }
+    }
+
+    fn bench_args(&self, json: &Path) -> Vec<String> {
+        let mut args = vec!["--json".to_string(), json.display().to_string()];
+        for (flag, n) in [
+            ("--boots", self.boots),
+            ("--reverts", self.reverts),
+            ("--execs", self.execs),
+            ("--acquires", self.acquires),
+            ("--file-mib", 16),
+            ("--file-rounds", self.file_rounds),
+            ("--warmup-vms", self.warmup_vms),
+        ] {
+            args.push(flag.to_string());
+            args.push(n.to_string());
+        }
+        args
+    }
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    if args.backend == BackendArg::Libvirt {
+        bail!(
+            "the libvirt backend is not built yet: there is nothing to measure with \
+             --backend libvirt (measure the QEMU backend with --backend qemu)"
+        );
+    }
+    let started_at = rfc3339_utc(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+    );
+    let printer = Printer::new();
+    let root = workspace_root();
+    let plan = Plan::new(args.quick, args.suite_tests.map(usize::from));
+    let out_dir = root.join("target/agentvm/bench");
+    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    let json_path = args
+        .json
+        .clone()
+        .unwrap_or_else(|| root.join("target/agentvm/bench.json"));
+    let mut machine = Machine::detect(&root);
+
+    printer.phase("building examples/bench-suite (release): agentvm-bench and the trivial suite");
+    let programs = build(&root)?;
+
+    let measure_started = Instant::now();
+    let sampler = procs::Sampler::start();
+    let result = measure(&printer, &sampler, &root, &out_dir, &plan, &programs);
+    let memory = sampler.finish();
+    let (raw, [pooled, naive, naive_serial]) = result?;
+    machine.finish();
+
+    let report = Report::build(Inputs {
+        quick: args.quick,
+        backend: "qemu".into(),
+        started_at,
+        duration_s: printer.elapsed_secs(),
+        measure_s: measure_started.elapsed().as_secs_f64(),
+        machine,
+        samples: plan.samples(),
+        raw,
+        pooled,
+        naive,
+        naive_serial,
+        memory,
+        artifacts_dir: out_dir.display().to_string(),
+    });
+    if let Some(dir) = json_path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let json = serde_json::to_string_pretty(&report)?;
+    std::fs::write(&json_path, json + "\n")
+        .with_context(|| format!("writing {}", json_path.display()))?;
+    printer.phase(format!("report written to {}", json_path.display()));
+    println!("\n{}", report.render());
+    Ok(())
+}
+
+struct Programs {
+    bench: PathBuf,
+    suite: PathBuf,
+}
+
+/// Builds the measuring program and the suite's test binary; returns their paths.
+fn build(root: &Path) -> Result<Programs> {
+    let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    command
+        .current_dir(root)
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "bench-suite",
+            "--bin",
+            "agentvm-bench",
+            "--test",
+            "trivial",
+            "--message-format=json-render-diagnostics",
+        ])
+        .stderr(Stdio::inherit());
+    let shown = show_command(&command);
+    let out = command
+        .output()
+        .with_context(|| format!("could not start `{shown}`"))?;
+    if !out.status.success() {
+        bail!("`{shown}` failed ({})", out.status);
+    }
+    let found = suite::executables(&String::from_utf8_lossy(&out.stdout));
+    let find = |name: &str, test: bool| {
+        found
+            .iter()
+            .find(|(n, t, _)| n == name && *t == test)
+            .map(|(_, _, path)| path.clone())
+            .with_context(|| format!("`{shown}` did not report the {name} executable"))
+    };
+    Ok(Programs {
+        bench: find("agentvm-bench", false)?,
+        suite: find("trivial", true)?,
+    })
+}
+
+type Measured = (Raw, [suite::SuiteRun; 3]);
+
+fn measure(
+    printer: &Printer,
+    sampler: &procs::Sampler,
+    root: &Path,
+    out_dir: &Path,
+    plan: &Plan,
+    programs: &Programs,
+) -> Result<Measured> {
+    // 1-4, 6: the measuring program.
+    sampler.set_phase("micro");
+    let raw_path = out_dir.join("raw.json");
+    let _ = std::fs::remove_file(&raw_path);
+    let mut command = Command::new(&programs.bench);
+    command
+        .args(plan.bench_args(&raw_path))
+        .current_dir(root)
+        .env("AGENT_VM_BACKEND", "qemu")
+        .stdin(Stdio::null())
+        .stdout(Stdio::inherit())
+        .stderr(Stdio::piped());
+    let mut child = command
+        .spawn()
+        .with_context(|| format!("starting {}", programs.bench.display()))?;
+    for line in BufReader::new(child.stderr.take().expect("piped stderr")).lines() {
+        printer.emit(Event::from_child_line(&line?));
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        bail!(
+            "{} failed ({status}); see its messages above",
+            programs.bench.display()
+        );
+    }
+    let raw = Raw::parse(
+        &std::fs::read_to_string(&raw_path)
+            .with_context(|| format!("reading {}", raw_path.display()))?,
+    )
+    .with_context(|| format!("reading {}", raw_path.display()))?;
+
+    // 5: the suite, three ways.
+    let suite_dir = root.join("examples/bench-suite");
+    let n = plan.suite_tests;
+    let mut runs = Vec::new();
+    for (mode, phase) in [
+        (&POOLED, "suite-pooled"),
+        (&NAIVE, "suite-naive"),
+        (&NAIVE_SERIAL, "suite-naive-serial"),
+    ] {
+        printer.phase(format!(
+            "suite: {n} trivial agent tests, {} (concurrency {})",
+            mode.description, mode.test_threads
+        ));
+        sampler.set_phase(phase);
+        let run = suite::run(printer, &programs.suite, &suite_dir, mode, n, out_dir)?;
+        printer.note(format!("{:.2} s wall, {} VMs", run.wall_s, run.vms));
+        runs.push(run);
+    }
+    sampler.set_phase("end");
+    let runs: [suite::SuiteRun; 3] = runs.try_into().expect("three suite runs");
+    Ok((raw, runs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plans() {
+        let full = Plan::new(false, None);
+        assert!(full.below_minimums().is_empty(), "{full:?}");
+        assert_eq!(full.suite_tests, 40);
+        let quick = Plan::new(true, None);
+        assert_eq!(quick.suite_tests, 10);
+        assert_eq!(
+            quick.below_minimums(),
+            ["cold boots n = 3 < 5", "suite tests n = 10 < 40"]
+        );
+        assert_eq!(Plan::new(true, Some(40)).below_minimums().len(), 1);
+        let args = full.bench_args(Path::new("/x.json"));
+        assert_eq!(&args[..4], ["--json", "/x.json", "--boots", "5"]);
+    }
+}
