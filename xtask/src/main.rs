@@ -23,12 +23,10 @@ enum Command {
     BuildImage(image::BuildImageArgs),
     /// Install missing system packages (QEMU, busybox-static) and build the guest image.
     Setup(tasks::SetupArgs),
-    /// Set up, then run every test of the workspace (extra args go to `cargo test`).
-    Test {
-        /// Arguments passed to `cargo test --workspace`.
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-        args: Vec<String>,
-    },
+    /// Set up (also libvirtd and its network), then run every test of the
+    /// workspace, the libvirt backend's included, and the example suite on
+    /// libvirt (extra args go to `cargo test --workspace`).
+    Test(tasks::TestArgs),
     /// Measure real-VM costs on this machine (boot, snapshot, revert, acquire,
     /// exec, files, suite throughput, pool warm-up, memory) and print a table.
     Bench(bench::BenchArgs),
@@ -47,7 +45,7 @@ fn main() -> ExitCode {
     let res = match Cli::parse().command {
         Command::BuildImage(args) => image::run(args),
         Command::Setup(args) => tasks::setup(&args),
-        Command::Test { args } => tasks::test(&args),
+        Command::Test(args) => tasks::test(&args),
         Command::Demo { args } => tasks::demo(&args),
         Command::Bench(args) => bench::run(args),
         Command::SetupNetwork(args) => network::run(&args),
@@ -94,5 +92,12 @@ mod tests {
         assert_eq!(b.backend, bench::BackendArg::Libvirt);
         assert!(Cli::try_parse_from(["xtask", "bench", "--backend", "xen"]).is_err());
         assert!(Cli::try_parse_from(["xtask", "bench", "--suite-tests", "41"]).is_err());
+        let cli =
+            Cli::try_parse_from(["xtask", "test", "--no-libvirt", "--", "--skip", "x"]).unwrap();
+        let Command::Test(t) = cli.command else {
+            panic!("parsed as test")
+        };
+        assert!(t.no_libvirt);
+        assert_eq!(t.args, ["--skip", "x"]);
     }
 }

@@ -58,15 +58,75 @@ pub fn setup(args: &SetupArgs) -> Result<()> {
     image::run(BuildImageArgs::defaults())
 }
 
-/// `cargo xtask test [-- ARGS]`: set-up, then every test of the workspace.
-pub fn test(args: &[String]) -> Result<()> {
+/// Arguments of `cargo xtask test`.
+#[derive(Debug, clap::Args)]
+pub struct TestArgs {
+    /// Leave out the libvirt backend (no libvirtd, no libvirt-dev needed):
+    /// only the QEMU backend, the mock and everything without VMs.
+    #[arg(long)]
+    pub no_libvirt: bool,
+    /// Arguments passed to `cargo test --workspace`.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub args: Vec<String>,
+}
+
+/// The cargo features that compile the libvirt backend and its tests in.
+const LIBVIRT_FEATURES: &str = "agentvm-runtime/libvirt,agentvm-test/libvirt";
+
+/// `cargo xtask test [--no-libvirt] [-- ARGS]`: set-up, then every test of
+/// the workspace; with libvirt (the default) also starts libvirtd and its
+/// network, and runs the example suite on the libvirt backend.
+pub fn test(args: &TestArgs) -> Result<()> {
     setup(&SetupArgs { no_install: false })?;
     let progress = Progress::new();
-    progress.step("cargo test --workspace");
+    if args.no_libvirt {
+        progress.step("cargo test --workspace (without libvirt)");
+        return run(
+            cargo().args(["test", "--workspace"]).args(&args.args),
+            "cargo test --workspace",
+        );
+    }
+    start_libvirt(&progress)?;
+    progress.step(format!(
+        "cargo test --workspace --features {LIBVIRT_FEATURES}"
+    ));
     run(
-        cargo().args(["test", "--workspace"]).args(args),
+        cargo()
+            .args(["test", "--workspace", "--features", LIBVIRT_FEATURES])
+            .env("AGENTVM_TEST_LIBVIRT", "1")
+            .args(&args.args),
         "cargo test --workspace",
+    )?;
+    progress.step("example agent suite on the libvirt backend (AGENT_VM_BACKEND=libvirt)");
+    run(
+        cargo()
+            .args(["test", "-p", "agent-suite", "--test", "agents"])
+            .args(["--features", "agentvm-test/libvirt"])
+            .env("AGENT_VM_BACKEND", "libvirt"),
+        "the example agent suite on libvirt",
     )
+}
+
+/// Installs and starts libvirtd (scripts/start-libvirtd.sh) and sets up the
+/// agentvm network and filter.
+fn start_libvirt(progress: &Progress) -> Result<()> {
+    progress.step("libvirtd (scripts/start-libvirtd.sh)");
+    if is_root() {
+        let script = workspace_root().join("scripts/start-libvirtd.sh");
+        run(Command::new("sh").arg(&script), "scripts/start-libvirtd.sh")?;
+    } else if !crate::network::daemon_answers(None) {
+        bail!(
+            "the libvirt tests need the system libvirtd, which only root can start: run \
+             `sudo sh scripts/start-libvirtd.sh` first, or leave libvirt out with \
+             `cargo xtask test --no-libvirt`"
+        );
+    }
+    progress.step("libvirt network agentvm-nat and nwfilter agentvm-egress");
+    crate::network::run(&crate::network::SetupNetworkArgs {
+        dry_run: false,
+        teardown: false,
+        uri: None,
+    })
 }
 
 /// `cargo xtask demo [-- ARGS]`: set-up, then the example agent suite in real VMs.

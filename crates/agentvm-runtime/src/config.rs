@@ -21,8 +21,10 @@
 //! units `ms`, `s`, `m`, `h`).
 //!
 //! ```toml
-//! # Which hypervisor backend runs the VMs: "qemu" (default) or "mock"
-//! # (an in-process fake without real VMs, for testing the harness itself).
+//! # Which hypervisor backend runs the VMs: "qemu" (default: QEMU started
+//! # directly, no daemon), "libvirt" (domains of a libvirt daemon; needs the
+//! # cargo feature `libvirt`) or "mock" (an in-process fake without real VMs,
+//! # for testing the harness itself).
 //! backend = "qemu"
 //! # Guest image name, built by `cargo xtask build-image --name NAME`.
 //! image = "default"
@@ -45,7 +47,7 @@
 //! acquire_timeout = "300s"
 //! # Port of the Prometheus metrics endpoint on 127.0.0.1 (off when unset).
 //! metrics_port = 9464
-//! # libvirt connection URI for the libvirt backend (stored).
+//! # libvirt connection URI of the libvirt backend (default: qemu:///system).
 //! libvirt_uri = "qemu:///system"
 //! # JSON-lines audit log of every VM lifecycle event and agent run
 //! # (default: `<artifacts_dir>/audit.jsonl`); appended to.
@@ -141,7 +143,7 @@ pub const ANOMALY_KINDS: &[&str] = &[
 const PROFILES: &str = "\"minimal\", \"light\", \"standard\", \"intensive\"";
 const NETWORKS: &str = "\"isolated\", \"nat-filtered\", \"bridge:NAME\"";
 const ACCELS: &str = "\"auto\", \"kvm\", \"tcg\"";
-const BACKENDS: &str = "\"qemu\", \"mock\"";
+const BACKENDS: &str = "\"qemu\", \"libvirt\", \"mock\"";
 const DURATIONS: &str =
     "a number of seconds or a duration like \"500ms\", \"30s\", \"2m\", \"1m30s\" (more than zero)";
 
@@ -153,18 +155,17 @@ pub enum BackendKind {
     Qemu,
     /// The in-process fake backend (no real VMs), for testing harness logic.
     Mock,
-    /// libvirt domains (cargo feature `libvirt`).
-    #[cfg(feature = "libvirt")]
+    /// libvirt domains. Always a valid name; creating the backend needs the
+    /// cargo feature `libvirt` (of `agentvm-test` or `agentvm-runtime`).
     Libvirt,
 }
 
 impl BackendKind {
-    /// The configuration name (`qemu`, `mock`).
+    /// The configuration name (`qemu`, `libvirt`, `mock`).
     pub fn name(self) -> &'static str {
         match self {
             Self::Qemu => "qemu",
             Self::Mock => "mock",
-            #[cfg(feature = "libvirt")]
             Self::Libvirt => "libvirt",
         }
     }
@@ -244,7 +245,7 @@ pub struct AgentVmConfig {
     pub audit_log: Option<PathBuf>,
     /// Anomaly kinds that fail the test they are found in.
     pub fail_on: Vec<String>,
-    /// libvirt connection URI (stored only).
+    /// libvirt connection URI of the libvirt backend.
     pub libvirt_uri: Option<String>,
     /// The workspace root the relative paths were resolved against.
     pub workspace_root: PathBuf,
@@ -645,14 +646,29 @@ pub fn create_backend(config: &AgentVmConfig) -> Result<Arc<dyn Backend>, Backen
     match config.backend {
         BackendKind::Mock => Ok(Arc::new(crate::backend::mock::MockBackend::new())),
         BackendKind::Qemu => qemu_backend(config),
-        #[cfg(feature = "libvirt")]
-        BackendKind::Libvirt => Ok(Arc::new(crate::backend::libvirt::LibvirtBackend::new(
-            crate::backend::libvirt::LibvirtConfig {
-                uri: config.libvirt_uri.clone(),
-                ..Default::default()
-            },
-        )?)),
+        BackendKind::Libvirt => libvirt_backend(config),
     }
+}
+
+#[cfg(feature = "libvirt")]
+fn libvirt_backend(config: &AgentVmConfig) -> Result<Arc<dyn Backend>, BackendError> {
+    let backend =
+        crate::backend::libvirt::LibvirtBackend::new(crate::backend::libvirt::LibvirtConfig {
+            uri: config.libvirt_uri.clone(),
+            ..Default::default()
+        })?;
+    Ok(Arc::new(backend))
+}
+
+#[cfg(not(feature = "libvirt"))]
+fn libvirt_backend(_config: &AgentVmConfig) -> Result<Arc<dyn Backend>, BackendError> {
+    Err(BackendError::NotCompiled {
+        backend: "libvirt",
+        hint: "enable the cargo feature `libvirt` of agentvm-test (e.g. \
+               `agentvm-test = { ..., features = [\"libvirt\"] }`, or \
+               `cargo test --features agentvm-test/libvirt`); it links libvirt.so \
+               and needs libvirt-dev to build (scripts/start-libvirtd.sh installs it)",
+    })
 }
 
 /// The QEMU backend, with its defaults (programs found on `PATH`, the default
@@ -689,12 +705,11 @@ const PORTS: &str = "a port number from 1 to 65535";
 const COUNTS: &str = "a whole number (0 or more)";
 const POSITIVE: &str = "a whole number, 1 or more";
 
-/// Parses a backend name (`qemu`, `mock`).
+/// Parses a backend name (`qemu`, `libvirt`, `mock`).
 pub fn parse_backend(s: &str) -> Option<BackendKind> {
     match s {
         "qemu" => Some(BackendKind::Qemu),
         "mock" => Some(BackendKind::Mock),
-        #[cfg(feature = "libvirt")]
         "libvirt" => Some(BackendKind::Libvirt),
         _ => None,
     }
@@ -998,7 +1013,7 @@ max_uses = 10
     #[test]
     fn bad_environment_values_name_the_variable_and_the_allowed_values() {
         let cases = [
-            ("AGENT_VM_BACKEND", "libvirt", "\"qemu\", \"mock\""),
+            ("AGENT_VM_BACKEND", "xen", "\"qemu\", \"libvirt\", \"mock\""),
             (
                 "AGENT_VM_PROFILE",
                 "huge",

@@ -1,6 +1,6 @@
 //! The shared real-VM suite (`vm_suite/mod.rs`) against the libvirt backend,
-//! plus libvirt specifics: snapshot metadata, the revert paths, network
-//! errors, the sweep of leftovers.
+//! plus libvirt specifics: snapshot metadata, the revert paths, a
+//! nat-filtered NIC, the sweep of leftovers, an unreachable daemon.
 //!
 //! Needs `--features libvirt`, a running daemon (`scripts/start-libvirtd.sh`)
 //! and the guest image (`cargo xtask build-image`).
@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use agentvm_runtime::backend::libvirt::{LibvirtBackend, LibvirtConfig, RevertPath};
 use agentvm_runtime::backend::{Backend, Machine, RevertOutcome};
 use agentvm_runtime::spec::NetworkMode;
+use agentvm_runtime::vm::Vm;
 
 fn backend() -> std::sync::Arc<dyn Backend> {
     std::sync::Arc::new(libvirt_backend())
@@ -84,26 +85,30 @@ async fn snapshots_have_metadata_and_both_revert_paths_work() {
     assert!(!out.status.success(), "domain {name} is undefined");
 }
 
+/// Needs `cargo xtask setup-network` (which `cargo xtask test` runs first);
+/// without it the boot fails with the message saying to run it. Sends no
+/// traffic.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nat_filtered_without_the_network_names_setup_network() {
+async fn nat_filtered_vm_has_a_filtered_nic() {
     let backend = libvirt_backend();
-    let has_net = std::process::Command::new("virsh")
-        .args(["-c", backend.uri(), "net-info", "agentvm-nat"])
-        .output()
-        .unwrap()
-        .status
-        .success();
     let mut spec = vm_suite::spec();
     spec.network = NetworkMode::NatFiltered;
-    if has_net {
-        eprintln!("agentvm-nat exists: only checking that a nat-filtered VM starts");
-        let mut m = backend.launch_libvirt(&spec).await.unwrap();
-        m.check_alive().await.unwrap();
-        m.destroy().await.unwrap();
-        return;
-    }
-    let err = backend.launch_libvirt(&spec).await.unwrap_err().to_string();
-    assert!(err.contains("cargo xtask setup-network"), "{err}");
+    let mut vm = Vm::boot(&backend, spec)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let xml = std::process::Command::new("virsh")
+        .args(["-c", backend.uri(), "dumpxml"])
+        .arg(format!("agentvm-{}", vm.id()))
+        .output()
+        .unwrap();
+    let xml = String::from_utf8_lossy(&xml.stdout);
+    assert!(xml.contains("<source network='agentvm-nat'"), "{xml}");
+    assert!(xml.contains("<filterref filter='agentvm-egress'"), "{xml}");
+    // The guest sees the virtio NIC (virtio_net is in the image).
+    let (code, stdout, stderr) = vm_suite::sh(&mut vm, "ls /sys/class/net").await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.split_whitespace().any(|n| n == "eth0"), "{stdout}");
+    vm.destroy().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -293,5 +298,58 @@ async fn survives_a_daemon_restart() {
     vm.revert().await.unwrap();
     let (_, out, _) = vm_suite::sh(&mut vm, "echo ok").await;
     assert_eq!(out, "ok\n");
+    vm.destroy().await.unwrap();
+}
+
+/// The egress filter at work, on this machine only: the guest (static
+/// address on agentvm-nat) may open a connection to the host's bridge address
+/// on an allowed port (80) but not on another (8080), and the host cannot
+/// open one to the guest. Needs `cargo xtask setup-network`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn egress_filter_allows_listed_ports_and_drops_the_rest() {
+    use tokio::io::AsyncReadExt;
+    use tokio::net::{TcpListener, TcpStream};
+
+    const HOST: &str = "192.168.213.1";
+    const GUEST: &str = "192.168.213.77";
+    let backend = libvirt_backend();
+    let mut spec = vm_suite::spec();
+    spec.network = NetworkMode::NatFiltered;
+    let mut vm = Vm::boot(&backend, spec)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let allowed = TcpListener::bind((HOST, 80)).await.unwrap();
+    let blocked = TcpListener::bind((HOST, 8080)).await.unwrap();
+    let accept = |l: TcpListener| async move {
+        match tokio::time::timeout(Duration::from_secs(8), l.accept()).await {
+            Ok(Ok((mut s, _))) => {
+                let mut text = String::new();
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(3), s.read_to_string(&mut text)).await;
+                Some(text)
+            }
+            _ => None,
+        }
+    };
+    let allowed = tokio::spawn(accept(allowed));
+    let blocked = tokio::spawn(accept(blocked));
+    let (code, _, stderr) = vm_suite::sh(
+        &mut vm,
+        &format!(
+            "ip link set eth0 up && ip addr add {GUEST}/24 dev eth0 && \
+             (echo via-80 | nc -w 3 {HOST} 80; echo via-8080 | nc -w 3 {HOST} 8080; \
+              nc -l -p 8000 -w 5 >/dev/null &) ; true"
+        ),
+    )
+    .await;
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(allowed.await.unwrap().as_deref(), Some("via-80\n"));
+    assert_eq!(blocked.await.unwrap(), None, "port 8080 must be dropped");
+    let inbound =
+        tokio::time::timeout(Duration::from_secs(3), TcpStream::connect((GUEST, 8000))).await;
+    assert!(
+        !matches!(inbound, Ok(Ok(_))),
+        "the host must not reach the guest: {inbound:?}"
+    );
     vm.destroy().await.unwrap();
 }

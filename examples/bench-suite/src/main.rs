@@ -21,10 +21,11 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use agentvm_runtime::backend::qemu::{QemuBackend, QemuConfig};
+use agentvm_runtime::backend::qemu::accel;
+use agentvm_runtime::backend::qemu::transport::detect_transport;
 use agentvm_runtime::backend::{Backend, BackendError, Machine};
 use agentvm_runtime::command::Command;
-use agentvm_runtime::config::{AgentVmConfig, BackendKind};
+use agentvm_runtime::config::{create_backend, AgentVmConfig, BackendKind};
 use agentvm_runtime::image::locate_image;
 use agentvm_runtime::pool::{PoolConfig, VmPool};
 use agentvm_runtime::spec::VmSpec;
@@ -159,9 +160,9 @@ struct VmMemory {
     hwm_kib: u64,
 }
 
-/// The QEMU backend, remembering the pid of every QEMU it starts (for memory).
+/// The configured backend, remembering the pid of every QEMU it starts (for memory).
 struct RecordingBackend {
-    inner: QemuBackend,
+    inner: Arc<dyn Backend>,
     pids: Mutex<Vec<(String, u32)>>,
 }
 
@@ -187,12 +188,12 @@ impl Backend for RecordingBackend {
     }
 
     async fn launch(&self, spec: &VmSpec) -> Result<Box<dyn Machine>, BackendError> {
-        let machine = self.inner.launch_qemu(spec).await?;
-        if let Some(pid) = machine.pid() {
+        let machine = self.inner.launch(spec).await?;
+        if let Some(pid) = machine.host_pid() {
             let id = machine.id().to_string();
             self.pids.lock().expect("pid list").push((id, pid));
         }
-        Ok(Box::new(machine))
+        Ok(machine)
     }
 }
 
@@ -252,36 +253,48 @@ async fn wait_available(pool: &VmPool, want: usize) -> Result<()> {
 
 async fn run(args: &Args) -> Result<Raw> {
     let config = AgentVmConfig::load().context("reading the agentvm configuration")?;
-    if config.backend != BackendKind::Qemu {
-        bail!(
-            "agentvm-bench measures real VMs: the configured backend is {} (set AGENT_VM_BACKEND=qemu)",
-            config.backend.name()
-        );
-    }
+    ensure!(
+        matches!(config.backend, BackendKind::Qemu | BackendKind::Libvirt),
+        "agentvm-bench measures real VMs: the configured backend is {} (set AGENT_VM_BACKEND=qemu or libvirt)",
+        config.backend.name()
+    );
     let image = locate_image(&config.image, &config.image_dir)?;
     let spec = config.vm_spec(image);
-    let qemu = QemuBackend::new(QemuConfig::default())?;
+    let inner = create_backend(&config)?;
+    // Both backends make the same accelerator decision (backend::qemu::accel);
+    // libvirt's channel is always virtio-serial.
+    let auto = accel::detect(agentvm_runtime::spec::Accel::Auto);
+    let (transport, transport_reason) = match config.backend {
+        BackendKind::Libvirt => (
+            "virtio-serial".to_string(),
+            "the libvirt backend always uses a virtio-serial channel".to_string(),
+        ),
+        _ => {
+            let t = detect_transport();
+            (t.transport.to_string(), t.reason)
+        }
+    };
     let mut raw = Raw {
         format: RAW_FORMAT,
-        backend: "qemu".into(),
+        backend: config.backend.name().into(),
         accelerator: match spec.accel {
-            agentvm_runtime::spec::Accel::Auto => qemu.auto_accel().accel.to_string(),
+            agentvm_runtime::spec::Accel::Auto => auto.accel.to_string(),
             agentvm_runtime::spec::Accel::Kvm => "kvm".into(),
             agentvm_runtime::spec::Accel::Tcg => "tcg".into(),
         },
         accelerator_reason: match spec.accel {
-            agentvm_runtime::spec::Accel::Auto => qemu.auto_accel().reason.clone(),
+            agentvm_runtime::spec::Accel::Auto => auto.reason,
             _ => "set by the agentvm configuration (accel / AGENT_VM_ACCEL)".into(),
         },
-        transport: qemu.transport().transport.to_string(),
-        transport_reason: qemu.transport().reason.clone(),
+        transport,
+        transport_reason,
         image: config.image.clone(),
         guest_memory_mib: spec.profile.memory_mib(),
         guest_vcpus: spec.profile.vcpus(),
         ..Raw::default()
     };
     let backend = Arc::new(RecordingBackend {
-        inner: qemu,
+        inner,
         pids: Mutex::new(Vec::new()),
     });
     note(format!(

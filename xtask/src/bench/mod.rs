@@ -42,8 +42,19 @@ use crate::util::{rfc3339_utc, show_command, workspace_root};
 pub enum BackendArg {
     /// QEMU started directly (`-M microvm`).
     Qemu,
-    /// libvirt (not built yet).
+    /// libvirt domains (builds the bench with the `libvirt` feature; the
+    /// daemon must run: scripts/start-libvirtd.sh).
     Libvirt,
+}
+
+impl BackendArg {
+    /// The `AGENT_VM_BACKEND` value.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Qemu => "qemu",
+            Self::Libvirt => "libvirt",
+        }
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -152,12 +163,6 @@ impl Plan {
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
-    if args.backend == BackendArg::Libvirt {
-        bail!(
-            "the libvirt backend is not built yet: there is nothing to measure with \
-             --backend libvirt (measure the QEMU backend with --backend qemu)"
-        );
-    }
     let started_at = rfc3339_utc(
         SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -175,18 +180,26 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let mut machine = Machine::detect(&root);
 
     printer.phase("building examples/bench-suite (release): agentvm-bench and the trivial suite");
-    let programs = build(&root)?;
+    let programs = build(&root, args.backend)?;
 
     let measure_started = Instant::now();
     let sampler = procs::Sampler::start();
-    let result = measure(&printer, &sampler, &root, &out_dir, &plan, &programs);
+    let result = measure(
+        &printer,
+        &sampler,
+        &root,
+        &out_dir,
+        &plan,
+        &programs,
+        args.backend,
+    );
     let memory = sampler.finish();
     let (raw, [pooled, naive, naive_serial]) = result?;
     machine.finish();
 
     let report = Report::build(Inputs {
         quick: args.quick,
-        backend: "qemu".into(),
+        backend: args.backend.name().into(),
         started_at,
         duration_s: printer.elapsed_secs(),
         measure_s: measure_started.elapsed().as_secs_f64(),
@@ -216,7 +229,7 @@ struct Programs {
 }
 
 /// Builds the measuring program and the suite's test binary; returns their paths.
-fn build(root: &Path) -> Result<Programs> {
+fn build(root: &Path, backend: BackendArg) -> Result<Programs> {
     let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     command
         .current_dir(root)
@@ -232,6 +245,9 @@ fn build(root: &Path) -> Result<Programs> {
             "--message-format=json-render-diagnostics",
         ])
         .stderr(Stdio::inherit());
+    if backend == BackendArg::Libvirt {
+        command.args(["--features", "libvirt"]);
+    }
     let shown = show_command(&command);
     let out = command
         .output()
@@ -262,6 +278,7 @@ fn measure(
     out_dir: &Path,
     plan: &Plan,
     programs: &Programs,
+    backend: BackendArg,
 ) -> Result<Measured> {
     // 1-4, 6: the measuring program.
     sampler.set_phase("micro");
@@ -271,7 +288,7 @@ fn measure(
     command
         .args(plan.bench_args(&raw_path))
         .current_dir(root)
-        .env("AGENT_VM_BACKEND", "qemu")
+        .env("AGENT_VM_BACKEND", backend.name())
         .stdin(Stdio::null())
         .stdout(Stdio::inherit())
         .stderr(Stdio::piped());
@@ -308,7 +325,15 @@ fn measure(
             mode.description, mode.test_threads
         ));
         sampler.set_phase(phase);
-        let run = suite::run(printer, &programs.suite, &suite_dir, mode, n, out_dir)?;
+        let run = suite::run(
+            backend.name(),
+            printer,
+            &programs.suite,
+            &suite_dir,
+            mode,
+            n,
+            out_dir,
+        )?;
         printer.note(format!("{:.2} s wall, {} VMs", run.wall_s, run.vms));
         runs.push(run);
     }

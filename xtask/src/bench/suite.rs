@@ -187,6 +187,7 @@ impl SuiteRun {
 
 /// Runs the suite's test binary in `mode` and times it.
 pub fn run(
+    backend: &str,
     printer: &Printer,
     test_binary: &Path,
     suite_dir: &Path,
@@ -210,7 +211,7 @@ pub fn run(
         .args(test_binary_args(mode, tests))
         .current_dir(suite_dir)
         .env("CARGO_MANIFEST_DIR", suite_dir)
-        .env("AGENT_VM_BACKEND", "qemu")
+        .env("AGENT_VM_BACKEND", backend)
         .env("AGENT_VM_ARTIFACTS_DIR", &artifacts)
         .env_remove("AGENT_VM_METRICS_PORT")
         .env_remove("AGENT_VM_AUDIT_LOG")

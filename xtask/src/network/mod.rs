@@ -156,10 +156,265 @@ pub fn parse_net_info(text: &str) -> NetState {
     }
 }
 
+/// What the daemon has now (`None`: not defined).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Observed {
+    /// `virsh net-info` of the network.
+    pub net: Option<NetState>,
+    /// `virsh net-dumpxml` of the network.
+    pub net_xml: Option<String>,
+    /// `virsh nwfilter-dumpxml` of the filter.
+    pub filter_xml: Option<String>,
+}
+
+/// One change `setup-network` makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// `nwfilter-define` a missing filter.
+    DefineFilter,
+    /// `nwfilter-define` over a filter whose rules differ (updated in place,
+    /// also for running VMs).
+    UpdateFilter,
+    /// `net-define` the missing network.
+    DefineNetwork,
+    /// `net-start`.
+    StartNetwork,
+    /// `net-autostart`.
+    AutostartNetwork,
+}
+
+impl Step {
+    fn done(self) -> String {
+        match self {
+            Self::DefineFilter => format!("defined nwfilter {FILTER}"),
+            Self::UpdateFilter => format!("updated nwfilter {FILTER} (its rules differed)"),
+            Self::DefineNetwork => format!("defined network {NETWORK}"),
+            Self::StartNetwork => format!("started network {NETWORK}"),
+            Self::AutostartNetwork => format!("network {NETWORK} starts with the daemon"),
+        }
+    }
+}
+
+/// The rules of a filter, comparable whatever order libvirt writes
+/// attributes in (it adds a `<uuid>` and reorders them).
+fn filter_rules(xml: &str) -> Option<Vec<String>> {
+    let doc = roxmltree::Document::parse(xml).ok()?;
+    let root = doc.root_element();
+    let mut rules = vec![canonical_element(&root)];
+    for rule in root.children().filter(|n| n.has_tag_name("rule")) {
+        let mut text = canonical_element(&rule);
+        for child in rule.children().filter(|n| n.is_element()) {
+            text.push(' ');
+            text.push_str(&canonical_element(&child));
+        }
+        rules.push(text);
+    }
+    Some(rules)
+}
+
+/// The text of the root's child element `name`.
+fn element_text(name: &str) -> impl Fn(&str) -> Option<String> + '_ {
+    move |xml| {
+        let doc = roxmltree::Document::parse(xml).ok()?;
+        let node = doc
+            .root_element()
+            .children()
+            .find(|n| n.has_tag_name(name))?;
+        Some(node.text()?.trim().to_string())
+    }
+}
+
+/// `xml` with a `<uuid>` as the root's first child.
+fn with_uuid(xml: &str, uuid: &str) -> String {
+    match xml.split_once('\n') {
+        Some((first, rest)) => format!("{first}\n  <uuid>{uuid}</uuid>\n{rest}"),
+        None => xml.to_string(),
+    }
+}
+
+/// `name a=1 b=2`, attributes sorted.
+fn canonical_element(node: &roxmltree::Node) -> String {
+    let mut attrs: Vec<String> = node
+        .attributes()
+        .map(|a| format!("{}={}", a.name(), a.value()))
+        .collect();
+    attrs.sort();
+    format!("{} {}", node.tag_name().name(), attrs.join(" "))
+}
+
+/// The parts of the network agentvm relies on: forward mode, bridge, address,
+/// netmask, DHCP range.
+fn network_essentials(xml: &str) -> Option<Vec<String>> {
+    let doc = roxmltree::Document::parse(xml).ok()?;
+    let mut out = Vec::new();
+    for node in doc.descendants().filter(|n| n.is_element()) {
+        let keep: &[&str] = match node.tag_name().name() {
+            "forward" => &["mode"],
+            "bridge" => &["name"],
+            "ip" => &["address", "netmask"],
+            "range" => &["start", "end"],
+            _ => continue,
+        };
+        let attrs: Vec<String> = keep
+            .iter()
+            .map(|k| format!("{k}={}", node.attribute(*k).unwrap_or("")))
+            .collect();
+        out.push(format!("{} {}", node.tag_name().name(), attrs.join(" ")));
+    }
+    Some(out)
+}
+
+/// What to do to get from `observed` to the wanted set-up. An existing
+/// network that differs is an error: it may carry other VMs, so it is not
+/// replaced behind the user's back.
+pub fn plan(observed: &Observed) -> Result<Vec<Step>> {
+    let mut steps = Vec::new();
+    match &observed.filter_xml {
+        None => steps.push(Step::DefineFilter),
+        Some(xml) if filter_rules(xml) != filter_rules(&filter_xml()) => {
+            steps.push(Step::UpdateFilter)
+        }
+        Some(_) => {}
+    }
+    match observed.net {
+        None => steps.extend([
+            Step::DefineNetwork,
+            Step::StartNetwork,
+            Step::AutostartNetwork,
+        ]),
+        Some(net) => {
+            if let Some(xml) = &observed.net_xml {
+                let (have, want) = (network_essentials(xml), network_essentials(&network_xml()));
+                if have != want {
+                    bail!(
+                        "network {NETWORK} exists but is not the one agentvm sets up \
+                         (have {have:?}, want {want:?}): remove it with \
+                         `cargo xtask setup-network --teardown`, then run `cargo xtask setup-network`"
+                    );
+                }
+            }
+            if !net.active {
+                steps.push(Step::StartNetwork);
+            }
+            if !net.autostart {
+                steps.push(Step::AutostartNetwork);
+            }
+        }
+    }
+    Ok(steps)
+}
+
 fn write_temp(name: &str, xml: &str) -> Result<PathBuf> {
     let path = std::env::temp_dir().join(format!("{name}-{}.xml", std::process::id()));
     std::fs::write(&path, xml).with_context(|| format!("writing {}", path.display()))?;
     Ok(path)
+}
+
+impl Virsh {
+    /// Connects (checks the daemon answers).
+    fn connect(uri: Option<&str>) -> Result<Self> {
+        let env = std::env::var("LIBVIRT_DEFAULT_URI").ok();
+        let virsh = Self {
+            uri: resolve_uri(uri, env.as_deref()),
+        };
+        let (ok, text) = virsh.run(&["version"])?;
+        if !ok {
+            bail!(
+                "libvirt daemon unreachable at {}: start it with scripts/start-libvirtd.sh ({})",
+                virsh.uri,
+                text.trim()
+            );
+        }
+        Ok(virsh)
+    }
+
+    /// Stdout of a command that succeeds only when the object exists.
+    fn lookup(&self, args: &[&str]) -> Result<Option<String>> {
+        let (ok, text) = self.run(args)?;
+        Ok(ok.then_some(text))
+    }
+
+    fn observe(&self) -> Result<Observed> {
+        Ok(Observed {
+            net: self
+                .lookup(&["net-info", NETWORK])?
+                .map(|t| parse_net_info(&t)),
+            net_xml: self.lookup(&["net-dumpxml", NETWORK])?,
+            filter_xml: self.lookup(&["nwfilter-dumpxml", FILTER])?,
+        })
+    }
+
+    fn define(&self, command: &str, name: &str, xml: &str) -> Result<()> {
+        let file = write_temp(name, xml)?;
+        let result = self.must(&[command, file.to_str().context("temp path")?]);
+        let _ = std::fs::remove_file(&file);
+        result.map(drop)
+    }
+
+    fn apply(&self, step: Step, observed: &Observed) -> Result<()> {
+        match step {
+            Step::DefineFilter => self.define("nwfilter-define", FILTER, &filter_xml()),
+            Step::UpdateFilter => {
+                // libvirt refuses to redefine an existing filter without its uuid.
+                let uuid = observed
+                    .filter_xml
+                    .as_deref()
+                    .and_then(element_text("uuid"))
+                    .context("the existing filter has no <uuid>")?;
+                self.define("nwfilter-define", FILTER, &with_uuid(&filter_xml(), &uuid))
+            }
+            Step::DefineNetwork => self.define("net-define", NETWORK, &network_xml()),
+            Step::StartNetwork => self.must(&["net-start", NETWORK]).map(drop).context(
+                "starting the network needs iptables and dnsmasq-base installed before \
+                 libvirtd started (scripts/start-libvirtd.sh does both)",
+            ),
+            Step::AutostartNetwork => self.must(&["net-autostart", NETWORK]).map(drop),
+        }
+    }
+}
+
+/// Sets up the network and the filter; returns the steps taken (none when
+/// everything was already in place).
+fn setup(virsh: &Virsh) -> Result<Vec<Step>> {
+    let observed = virsh.observe()?;
+    let steps = plan(&observed)?;
+    for &step in &steps {
+        virsh.apply(step, &observed)?;
+        println!("{}", step.done());
+    }
+    if steps.is_empty() {
+        println!(
+            "{NETWORK} and {FILTER} already set up at {}, nothing changed",
+            virsh.uri
+        );
+    }
+    Ok(steps)
+}
+
+fn teardown(virsh: &Virsh) -> Result<()> {
+    let observed = virsh.observe()?;
+    if let Some(net) = observed.net {
+        if net.active {
+            virsh.must(&["net-destroy", NETWORK])?;
+        }
+        virsh.must(&["net-undefine", NETWORK])?;
+        println!("removed network {NETWORK}");
+    }
+    if observed.filter_xml.is_some() {
+        virsh
+            .must(&["nwfilter-undefine", FILTER])
+            .context("a filter in use by a VM cannot be removed: destroy the agentvm VMs first")?;
+        println!("removed nwfilter {FILTER}");
+    }
+    if observed.net.is_none() && observed.filter_xml.is_none() {
+        println!("{NETWORK} and {FILTER} are not set up, nothing changed");
+    }
+    Ok(())
+}
+
+/// Whether a libvirt daemon answers at `uri` (default as for `--uri`).
+pub fn daemon_answers(uri: Option<&str>) -> bool {
+    Virsh::connect(uri).is_ok()
 }
 
 /// `cargo xtask setup-network`.
@@ -169,83 +424,12 @@ pub fn run(args: &SetupNetworkArgs) -> Result<()> {
         print!("<!-- nwfilter {FILTER} -->\n{}", filter_xml());
         return Ok(());
     }
-    let env = std::env::var("LIBVIRT_DEFAULT_URI").ok();
-    let virsh = Virsh {
-        uri: resolve_uri(args.uri.as_deref(), env.as_deref()),
-    };
-    let (ok, text) = virsh.run(&["version"])?;
-    if !ok {
-        bail!(
-            "libvirt daemon unreachable at {}: start it with scripts/start-libvirtd.sh ({})",
-            virsh.uri,
-            text.trim()
-        );
-    }
-    let (net_exists, net_info) = virsh.run(&["net-info", NETWORK])?;
-    let net = if net_exists {
-        parse_net_info(&net_info)
-    } else {
-        NetState {
-            exists: false,
-            active: false,
-            autostart: false,
-        }
-    };
-    let (filter_exists, _) = virsh.run(&["nwfilter-dumpxml", FILTER])?;
-
+    let virsh = Virsh::connect(args.uri.as_deref())?;
     if args.teardown {
-        let mut changed = false;
-        if net.exists {
-            if net.active {
-                virsh.must(&["net-destroy", NETWORK])?;
-            }
-            virsh.must(&["net-undefine", NETWORK])?;
-            println!("removed network {NETWORK}");
-            changed = true;
-        }
-        if filter_exists {
-            virsh.must(&["nwfilter-undefine", FILTER])?;
-            println!("removed nwfilter {FILTER}");
-            changed = true;
-        }
-        if !changed {
-            println!("{NETWORK} and {FILTER} are not set up, nothing changed");
-        }
-        return Ok(());
+        teardown(&virsh)
+    } else {
+        setup(&virsh).map(drop)
     }
-
-    if net.exists && net.active && net.autostart && filter_exists {
-        println!(
-            "{NETWORK} and {FILTER} already set up at {}, nothing changed",
-            virsh.uri
-        );
-        return Ok(());
-    }
-    if !filter_exists {
-        let file = write_temp(FILTER, &filter_xml())?;
-        let r = virsh.must(&["nwfilter-define", file.to_str().context("temp path")?]);
-        let _ = std::fs::remove_file(&file);
-        r?;
-        println!("defined nwfilter {FILTER}");
-    }
-    if !net.exists {
-        let file = write_temp(NETWORK, &network_xml())?;
-        let r = virsh.must(&["net-define", file.to_str().context("temp path")?]);
-        let _ = std::fs::remove_file(&file);
-        r?;
-        println!("defined network {NETWORK}");
-    }
-    if !net.active {
-        virsh.must(&["net-start", NETWORK]).context(
-            "starting the network needs iptables and dnsmasq-base installed before libvirtd started (scripts/start-libvirtd.sh does both)",
-        )?;
-        println!("started network {NETWORK}");
-    }
-    if !net.autostart {
-        virsh.must(&["net-autostart", NETWORK])?;
-        println!("network {NETWORK} starts with the daemon");
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -327,27 +511,115 @@ mod tests {
         );
     }
 
-    /// With a real daemon (`AGENTVM_TEST_LIBVIRT=1`): set up twice (the second
-    /// time changes nothing) and check both objects exist. Sends no traffic.
+    fn observed_after_setup() -> Observed {
+        Observed {
+            net: Some(NetState {
+                exists: true,
+                active: true,
+                autostart: true,
+            }),
+            // As libvirt writes them back: uuid added, attributes reordered.
+            net_xml: Some(
+                network_xml()
+                    .replace(
+                        "<forward mode='nat'/>",
+                        "<forward mode='nat'><nat><port start='1024' end='65535'/></nat></forward>",
+                    )
+                    .replace(
+                        "</name>",
+                        "</name>\n  <uuid>42ee5313-250a-492f-be44-879e5a3e8321</uuid>",
+                    ),
+            ),
+            filter_xml: Some(
+                filter_xml()
+                    .replace(
+                        "<tcp dstportstart='80' state='NEW'/>",
+                        "<tcp state='NEW' dstportstart='80'/>",
+                    )
+                    .replace(
+                        "chain='root'>",
+                        "chain='root'>\n  <uuid>4402e3b0-5e56-4535-a5b5-e080a9bea21b</uuid>",
+                    ),
+            ),
+        }
+    }
+
+    #[test]
+    fn plan_from_nothing_defines_starts_and_autostarts() {
+        let nothing = Observed {
+            net: None,
+            net_xml: None,
+            filter_xml: None,
+        };
+        assert_eq!(
+            plan(&nothing).unwrap(),
+            [
+                Step::DefineFilter,
+                Step::DefineNetwork,
+                Step::StartNetwork,
+                Step::AutostartNetwork
+            ]
+        );
+    }
+
+    #[test]
+    fn update_keeps_the_uuid() {
+        let observed = observed_after_setup();
+        let uuid = element_text("uuid")(observed.filter_xml.as_deref().unwrap()).unwrap();
+        assert_eq!(uuid, "4402e3b0-5e56-4535-a5b5-e080a9bea21b");
+        let xml = with_uuid(&filter_xml(), &uuid);
+        assert!(xml.starts_with(
+            "<filter name='agentvm-egress' chain='root'>\n  <uuid>4402e3b0-5e56-4535-a5b5-e080a9bea21b</uuid>\n"
+        ));
+        assert_eq!(filter_rules(&xml), filter_rules(&filter_xml()));
+    }
+
+    #[test]
+    fn plan_after_setup_is_empty() {
+        assert_eq!(plan(&observed_after_setup()).unwrap(), []);
+    }
+
+    #[test]
+    fn plan_repairs_what_drifted() {
+        let mut o = observed_after_setup();
+        o.net = Some(NetState {
+            exists: true,
+            active: false,
+            autostart: false,
+        });
+        o.filter_xml = Some(filter_xml().replace("'9418'", "'8080'"));
+        assert_eq!(
+            plan(&o).unwrap(),
+            [
+                Step::UpdateFilter,
+                Step::StartNetwork,
+                Step::AutostartNetwork
+            ]
+        );
+        let mut o = observed_after_setup();
+        o.net_xml = Some(network_xml().replace("192.168.213.1'", "10.0.0.1'"));
+        let e = plan(&o).unwrap_err().to_string();
+        assert!(e.contains("--teardown"), "{e}");
+    }
+
+    /// With a real daemon (`AGENTVM_TEST_LIBVIRT=1`, set by `cargo xtask
+    /// test`): set up twice — the second time changes nothing — and check both
+    /// objects exist. Sends no traffic.
     #[test]
     fn setup_against_a_real_daemon() {
         if std::env::var("AGENTVM_TEST_LIBVIRT").as_deref() != Ok("1") {
             eprintln!("skipped: set AGENTVM_TEST_LIBVIRT=1 with a running libvirtd");
             return;
         }
-        let args = SetupNetworkArgs {
-            dry_run: false,
-            teardown: false,
-            uri: None,
-        };
-        run(&args).unwrap();
-        run(&args).unwrap();
-        let virsh = Virsh {
-            uri: resolve_uri(None, std::env::var("LIBVIRT_DEFAULT_URI").ok().as_deref()),
-        };
-        let info = parse_net_info(&virsh.must(&["net-info", NETWORK]).unwrap());
+        let virsh = Virsh::connect(None).unwrap();
+        setup(&virsh).unwrap();
+        assert_eq!(setup(&virsh).unwrap(), []);
+        let observed = virsh.observe().unwrap();
+        let info = observed.net.expect("network defined");
         assert!(info.active && info.autostart, "{info:?}");
-        let filter = virsh.must(&["nwfilter-dumpxml", FILTER]).unwrap();
-        assert!(filter.contains("9418"), "{filter}");
+        assert_eq!(
+            filter_rules(observed.filter_xml.as_deref().unwrap()),
+            filter_rules(&filter_xml())
+        );
     }
 }

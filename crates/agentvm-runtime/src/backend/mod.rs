@@ -34,6 +34,24 @@ pub enum BackendError {
         /// What to do about it.
         hint: String,
     },
+    /// The configured backend is not compiled into this build.
+    #[error("the {backend} backend is not compiled in: {hint}")]
+    NotCompiled {
+        /// The backend's configuration name.
+        backend: &'static str,
+        /// How to get it.
+        hint: &'static str,
+    },
+    /// A setting (environment variable) of the backend has a bad value.
+    #[error("{setting}={value:?} is not valid: expected {expected}")]
+    InvalidSetting {
+        /// The setting.
+        setting: String,
+        /// Its value.
+        value: String,
+        /// What is allowed.
+        expected: String,
+    },
     /// The guest image is missing or incomplete.
     #[error("guest image {name:?} not found at {}: build it with `{}`", .path.display(), crate::image::build_command(.name))]
     MissingImage {

@@ -100,6 +100,20 @@ const CRASH_TAIL_LINES: (usize, usize) = (30, 150);
 /// its port goes away (`agentvm-guest/src/main.rs`).
 const GUEST_DISCONNECTED: &str = "agentvm-guest: disconnected";
 
+/// What is missing for `network = "nat-filtered"` (`None`: nothing), given
+/// whether the network and the nwfilter exist at `uri`.
+pub fn missing_network_objects(network: bool, filter: bool, uri: &str) -> Option<String> {
+    let missing = match (network, filter) {
+        (true, true) => return None,
+        (false, true) => format!("network {NAT_NETWORK:?} is"),
+        (true, false) => format!("nwfilter {EGRESS_FILTER:?} is"),
+        (false, false) => format!("network {NAT_NETWORK:?} and nwfilter {EGRESS_FILTER:?} are"),
+    };
+    Some(format!(
+        "libvirt {missing} not defined at {uri}: run `cargo xtask setup-network`"
+    ))
+}
+
 /// How [`Machine::revert_golden`] goes back to the golden snapshot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RevertPath {
@@ -110,11 +124,13 @@ pub enum RevertPath {
 }
 
 impl RevertPath {
-    /// From [`REVERT_ENV`]'s value (`loadvm`, `snapshot`; default `loadvm`).
-    pub fn from_env_value(value: Option<&str>) -> Self {
+    /// From [`REVERT_ENV`]'s value: `loadvm`, `snapshot` (or `api`); unset
+    /// or empty is `loadvm`. `None` for anything else.
+    pub fn from_env_value(value: Option<&str>) -> Option<Self> {
         match value.map(str::trim) {
-            Some("snapshot") | Some("api") => Self::SnapshotApi,
-            _ => Self::Loadvm,
+            None | Some("") | Some("loadvm") => Some(Self::Loadvm),
+            Some("snapshot") | Some("api") => Some(Self::SnapshotApi),
+            Some(_) => None,
         }
     }
 }
@@ -193,9 +209,19 @@ impl LibvirtBackend {
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "sweeping leftover libvirt domains failed"),
         }
-        let revert_path = config.revert_path.unwrap_or_else(|| {
-            RevertPath::from_env_value(std::env::var(REVERT_ENV).ok().as_deref())
-        });
+        let revert_path = match config.revert_path {
+            Some(path) => path,
+            None => {
+                let value = std::env::var(REVERT_ENV).ok();
+                RevertPath::from_env_value(value.as_deref()).ok_or_else(|| {
+                    BackendError::InvalidSetting {
+                        setting: REVERT_ENV.into(),
+                        value: value.unwrap_or_default(),
+                        expected: "\"loadvm\" (default) or \"snapshot\"".into(),
+                    }
+                })?
+            }
+        };
         Ok(Self {
             conn,
             root,
@@ -262,18 +288,9 @@ impl LibvirtBackend {
             })
             .await?
             .map_err(|e| control(id, "looking up the network", e.to_string()))?;
-        match found {
-            (true, true) => Ok(()),
-            (net, _) => Err(control(
-                id,
-                "network nat-filtered",
-                format!(
-                    "libvirt {} {:?} is not defined at {}: run `cargo xtask setup-network`",
-                    if net { "nwfilter" } else { "network" },
-                    if net { EGRESS_FILTER } else { NAT_NETWORK },
-                    self.conn.uri()
-                ),
-            )),
+        match missing_network_objects(found.0, found.1, self.conn.uri()) {
+            None => Ok(()),
+            Some(message) => Err(control(id, "network nat-filtered", message)),
         }
     }
 
@@ -883,15 +900,36 @@ mod tests {
 
     #[test]
     fn revert_path_from_env() {
-        assert_eq!(RevertPath::from_env_value(None), RevertPath::Loadvm);
-        assert_eq!(
-            RevertPath::from_env_value(Some("loadvm")),
-            RevertPath::Loadvm
-        );
-        assert_eq!(
-            RevertPath::from_env_value(Some("snapshot")),
-            RevertPath::SnapshotApi
-        );
+        for (value, path) in [
+            (None, Some(RevertPath::Loadvm)),
+            (Some(""), Some(RevertPath::Loadvm)),
+            (Some("loadvm"), Some(RevertPath::Loadvm)),
+            (Some(" snapshot "), Some(RevertPath::SnapshotApi)),
+            (Some("api"), Some(RevertPath::SnapshotApi)),
+            (Some("snapshots"), None),
+        ] {
+            assert_eq!(RevertPath::from_env_value(value), path, "{value:?}");
+        }
+    }
+
+    #[test]
+    fn missing_network_objects_name_what_is_missing_and_the_fix() {
+        assert_eq!(missing_network_objects(true, true, "qemu:///system"), None);
+        let fix = ": run `cargo xtask setup-network`";
+        for (net, filter, what) in [
+            (false, true, "network \"agentvm-nat\" is not defined at qemu:///system"),
+            (true, false, "nwfilter \"agentvm-egress\" is not defined at qemu:///system"),
+            (
+                false,
+                false,
+                "network \"agentvm-nat\" and nwfilter \"agentvm-egress\" are not defined at qemu:///system",
+            ),
+        ] {
+            assert_eq!(
+                missing_network_objects(net, filter, "qemu:///system"),
+                Some(format!("libvirt {what}{fix}"))
+            );
+        }
     }
 
     #[test]
