@@ -1,9 +1,6 @@
 //! Running one command: spawn, feed stdin, stream capped output, enforce the
 //! timeout by killing the process tree, and build the exit report.
 
-use std::os::fd::OwnedFd;
-use std::os::unix::process::CommandExt;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,6 +16,7 @@ use tokio::sync::oneshot;
 use crate::files::{io_error, resolve, Roots};
 use crate::reaper::{Reaped, Reaper};
 use crate::server::{error_reply, Outbox};
+use crate::spawn::{command_env, SpawnSpec};
 use crate::tree::Tree;
 
 /// After the main process exits, how long output is still drained (from
@@ -68,56 +66,34 @@ pub fn spawn(request: ExecRequest, roots: &Roots, reaper: &Reaper) -> Result<Spa
         Err(e) => return Err(io_error("working directory", &cwd, &e)),
     }
 
-    let mut command = Command::new(program);
-    command.args(args);
-    if request.clear_env {
-        command.env_clear();
-    }
-    if !request.env.iter().any(|(k, _)| k == "PWD") {
-        command.env("PWD", &cwd);
-    }
-    command.envs(request.env.iter().map(|(k, v)| (k, v)));
-    command
-        .current_dir(&cwd)
-        .stdin(if request.stdin.is_empty() {
-            Stdio::null()
-        } else {
-            Stdio::piped()
+    let env = command_env(std::env::vars_os(), request.clear_env, &cwd, &request.env);
+    let (child, exited) = reaper
+        .spawn(&SpawnSpec {
+            program,
+            args,
+            env,
+            cwd: &cwd,
+            stdin_pipe: !request.stdin.is_empty(),
         })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
-
-    let (mut child, exited) = reaper.spawn(&mut command).map_err(|e| {
-        error_reply(
-            ErrorKind::SpawnFailed,
-            format!("cannot start {program:?} in {}: {e}", cwd.display()),
-        )
-    })?;
+        .map_err(|e| {
+            error_reply(
+                ErrorKind::SpawnFailed,
+                format!("cannot start {program:?} in {}: {e}", cwd.display()),
+            )
+        })?;
     let started = Instant::now();
-    let pid = child.id() as i32;
+    let pid = child.pid;
     let tree = Arc::new(Tree::new(pid));
 
     let pipes = (|| -> std::io::Result<_> {
-        let stdin = match child.stdin.take() {
-            Some(stdin) => Some((
-                pipe::Sender::from_owned_fd(OwnedFd::from(stdin))?,
-                request.stdin,
-            )),
+        let stdin = match child.stdin {
+            Some(stdin) => Some((pipe::Sender::from_owned_fd(stdin)?, request.stdin)),
             None => None,
         };
-        let stdout = child
-            .stdout
-            .take()
-            .ok_or_else(|| std::io::Error::other("no stdout pipe"))?;
-        let stderr = child
-            .stderr
-            .take()
-            .ok_or_else(|| std::io::Error::other("no stderr pipe"))?;
         Ok((
             stdin,
-            pipe::Receiver::from_owned_fd(OwnedFd::from(stdout))?,
-            pipe::Receiver::from_owned_fd(OwnedFd::from(stderr))?,
+            pipe::Receiver::from_owned_fd(child.stdout)?,
+            pipe::Receiver::from_owned_fd(child.stderr)?,
         ))
     })();
     let (stdin, stdout, stderr) = match pipes {

@@ -25,6 +25,7 @@ mod exec;
 mod files;
 mod reaper;
 mod server;
+mod spawn;
 mod transport;
 mod tree;
 

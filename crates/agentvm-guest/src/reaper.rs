@@ -8,19 +8,18 @@
 //!
 //! Children are spawned through [`Reaper::spawn`], which holds the reaper's
 //! lock while spawning and registering the waiter. A child that exits at once
-//! can therefore not be reaped before its waiter exists, and the standard
-//! library's own `waitpid` on a child whose `exec` failed (done inside
-//! `spawn`) cannot race with our `wait4(-1)`.
+//! can therefore not be reaped before its waiter exists.
 
 use std::collections::HashMap;
 use std::io;
-use std::process::{Child, Command};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use agentvm_runtime::protocol::{ExitStatus, ResourceUsage};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::oneshot;
+
+use crate::spawn::{SpawnSpec, SpawnedChild};
 
 /// How a reaped child ended and what it used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,13 +58,16 @@ impl Reaper {
         Ok(reaper)
     }
 
-    /// Spawns `command` and registers a waiter for it. The receiver gets the
-    /// child's status once it is reaped.
-    pub fn spawn(&self, command: &mut Command) -> io::Result<(Child, oneshot::Receiver<Reaped>)> {
+    /// Spawns a command ([`crate::spawn::spawn`]) and registers a waiter for
+    /// it. The receiver gets the child's status once it is reaped.
+    pub fn spawn(
+        &self,
+        spec: &SpawnSpec<'_>,
+    ) -> io::Result<(SpawnedChild, oneshot::Receiver<Reaped>)> {
         let mut waiters = self.lock();
-        let child = command.spawn()?;
+        let child = crate::spawn::spawn(spec)?;
         let (tx, rx) = oneshot::channel();
-        waiters.insert(child.id() as libc::pid_t, tx);
+        waiters.insert(child.pid, tx);
         Ok((child, rx))
     }
 

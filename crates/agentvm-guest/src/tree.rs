@@ -125,6 +125,16 @@ pub fn members(
     out
 }
 
+/// Whether any process (zombies included) is in process group `pgid`.
+fn group_exists(pgid: i32) -> bool {
+    if pgid <= 1 {
+        return false;
+    }
+    // SAFETY: kill with signal 0 only checks; pgid > 1 targets one group.
+    let found = unsafe { libc::kill(-pgid, 0) } == 0;
+    found || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
 /// The process tree of one command.
 #[derive(Debug)]
 pub struct Tree {
@@ -175,13 +185,16 @@ impl Tree {
     }
 
     fn scan(&self) -> Vec<ProcStat> {
+        let mut known = self.lock();
+        // Every member descends from a process of the group or a known one;
+        // with neither there is none, and a group that is gone cannot be
+        // joined again. This spares the /proc walk (~45 stat files, about
+        // 10 ms under TCG) at the end of nearly every command.
+        if known.is_empty() && !group_exists(self.pgid) {
+            return Vec::new();
+        }
         let procs = all_processes();
-        members(
-            &procs,
-            self.pgid,
-            &mut self.lock(),
-            std::process::id() as i32,
-        )
+        members(&procs, self.pgid, &mut known, std::process::id() as i32)
     }
 
     fn lock(&self) -> MutexGuard<'_, HashSet<ProcId>> {
