@@ -56,6 +56,10 @@
 //! # "timeout", "output_cap", "memory_limit", "duration_zscore",
 //! # "cpu_zscore", "memory_zscore".
 //! fail_on = ["timeout"]
+//! # Start VMs from the golden snapshot an earlier VM of the same
+//! # configuration saved (`<runtime dir>/golden/`), instead of booting:
+//! # a few hundred ms instead of seconds (QEMU backend; default true).
+//! golden_cache = true
 //!
 //! [pool]
 //! # VMs kept booted and ready (0 allowed: boot on demand).
@@ -86,6 +90,7 @@
 //! | `AGENT_VM_METRICS_PORT` | `metrics_port` |
 //! | `AGENT_VM_AUDIT_LOG` | `audit_log` (relative: to the current directory) |
 //! | `AGENT_VM_FAIL_ON` | `fail_on` (comma-separated) |
+//! | `AGENT_VM_GOLDEN_CACHE` | `golden_cache` (`true`/`false`, `1`/`0`, `on`/`off`) |
 //! | `LIBVIRT_DEFAULT_URI` | `libvirt_uri` |
 //!
 //! An empty variable counts as unset. A bad value in the file or a variable is
@@ -127,6 +132,7 @@ pub const ENV_VARS: &[&str] = &[
     "AGENT_VM_METRICS_PORT",
     "AGENT_VM_AUDIT_LOG",
     "AGENT_VM_FAIL_ON",
+    "AGENT_VM_GOLDEN_CACHE",
     "LIBVIRT_DEFAULT_URI",
 ];
 
@@ -245,6 +251,9 @@ pub struct AgentVmConfig {
     pub audit_log: Option<PathBuf>,
     /// Anomaly kinds that fail the test they are found in.
     pub fail_on: Vec<String>,
+    /// Start VMs from a golden snapshot an earlier VM of the same
+    /// configuration saved, instead of booting (QEMU backend).
+    pub golden_cache: bool,
     /// libvirt connection URI of the libvirt backend.
     pub libvirt_uri: Option<String>,
     /// The workspace root the relative paths were resolved against.
@@ -277,6 +286,7 @@ struct RawFile {
     libvirt_uri: Option<String>,
     audit_log: Option<String>,
     fail_on: Option<Vec<String>>,
+    golden_cache: Option<bool>,
     pool: Option<RawPool>,
 }
 
@@ -325,6 +335,7 @@ impl AgentVmConfig {
             metrics_port: None,
             audit_log: None,
             fail_on: Vec::new(),
+            golden_cache: true,
             libvirt_uri: None,
             workspace_root: workspace_root.to_path_buf(),
             config_file: None,
@@ -437,6 +448,9 @@ impl AgentVmConfig {
         if let Some(kinds) = raw.fail_on {
             self.fail_on =
                 set.parse("fail_on", &kinds.join(","), parse_kinds, ANOMALY_KIND_LIST)?;
+        }
+        if let Some(v) = raw.golden_cache {
+            self.golden_cache = v;
         }
         if let Some(pool) = raw.pool {
             if let Some(v) = pool.min_size {
@@ -582,6 +596,13 @@ impl AgentVmConfig {
             |v| self.audit_log = Some(v)
         );
         apply!(
+            "AGENT_VM_GOLDEN_CACHE",
+            "golden_cache",
+            parse_bool,
+            BOOLS,
+            |v| self.golden_cache = v
+        );
+        apply!(
             "AGENT_VM_FAIL_ON",
             "fail_on",
             parse_kinds,
@@ -673,9 +694,11 @@ fn libvirt_backend(_config: &AgentVmConfig) -> Result<Arc<dyn Backend>, BackendE
 
 /// The QEMU backend, with its defaults (programs found on `PATH`, the default
 /// runtime directory; the accelerator comes from each VM's spec).
-fn qemu_backend(_config: &AgentVmConfig) -> Result<Arc<dyn Backend>, BackendError> {
-    let backend =
-        crate::backend::qemu::QemuBackend::new(crate::backend::qemu::QemuConfig::default())?;
+fn qemu_backend(config: &AgentVmConfig) -> Result<Arc<dyn Backend>, BackendError> {
+    let backend = crate::backend::qemu::QemuBackend::new(crate::backend::qemu::QemuConfig {
+        golden_cache: config.golden_cache,
+        ..Default::default()
+    })?;
     Ok(Arc::new(backend))
 }
 
@@ -701,6 +724,7 @@ impl Setter<'_> {
 }
 
 const IMAGE_NAMES: &str = "a non-empty name of ASCII letters, digits, '.', '_', '-'";
+const BOOLS: &str = "true or false (also 1/0, on/off, yes/no)";
 const PORTS: &str = "a port number from 1 to 65535";
 const COUNTS: &str = "a whole number (0 or more)";
 const POSITIVE: &str = "a whole number, 1 or more";
@@ -776,6 +800,14 @@ fn parse_kinds(s: &str) -> Option<Vec<String>> {
         }
     }
     Some(kinds)
+}
+
+fn parse_bool(s: &str) -> Option<bool> {
+    match s.to_ascii_lowercase().as_str() {
+        "1" | "true" | "on" | "yes" => Some(true),
+        "0" | "false" | "off" | "no" => Some(false),
+        _ => None,
+    }
 }
 
 fn parse_port(s: &str) -> Option<u16> {
@@ -1086,6 +1118,41 @@ max_uses = 10
         assert!(e.contains("invalid type"), "{e}");
         let e = load(Some("image = "), &[]).unwrap_err().to_string();
         assert!(e.contains("invalid configuration file"), "{e}");
+    }
+
+    #[test]
+    fn golden_cache_switch() {
+        assert!(load(None, &[]).unwrap().golden_cache);
+        assert!(
+            !load(Some("golden_cache = false\n"), &[])
+                .unwrap()
+                .golden_cache
+        );
+        for (value, on) in [
+            ("0", false),
+            ("off", false),
+            ("No", false),
+            ("1", true),
+            ("true", true),
+        ] {
+            let c = load(
+                Some("golden_cache = false\n"),
+                &[("AGENT_VM_GOLDEN_CACHE", value)],
+            )
+            .unwrap();
+            assert_eq!(c.golden_cache, on, "{value}");
+        }
+        let e = load(None, &[("AGENT_VM_GOLDEN_CACHE", "maybe")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("AGENT_VM_GOLDEN_CACHE") && e.contains("true or false"),
+            "{e}"
+        );
+        let e = load(Some("golden_cache = \"yes\"\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("golden_cache"), "{e}");
     }
 
     #[test]

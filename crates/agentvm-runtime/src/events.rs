@@ -35,6 +35,14 @@ pub enum Event {
         /// Launch until Hello, seconds.
         boot_seconds: f64,
     },
+    /// A VM started from a shared golden snapshot (the backend's golden
+    /// cache) instead of booting: it is ready.
+    VmRestored {
+        /// VM id.
+        vm: String,
+        /// Launch until the channel was in step, seconds.
+        restore_seconds: f64,
+    },
     /// The golden snapshot was taken: the VM is ready.
     VmSnapshotted {
         /// VM id.

@@ -4,6 +4,7 @@
 //! | metric | type | from |
 //! |---|---|---|
 //! | `agent_vm_boot_duration_seconds` | histogram | launch until the guest's Hello |
+//! | `agent_vm_restore_duration_seconds` | histogram | start from the golden cache until the channel is in step |
 //! | `agent_vm_pool_size{pool,state}` | gauge | `state`: available, leased, booting, reverting |
 //! | `agent_vm_pool_acquire_duration_seconds` | histogram | wait in `VmPool::acquire` |
 //! | `agent_vm_revert_duration_seconds` | histogram | restore + channel resync |
@@ -60,6 +61,7 @@ struct KindLabels {
 pub struct Metrics {
     registry: Mutex<Registry>,
     boot: Histogram,
+    restore: Histogram,
     pool_size: Family<PoolLabels, Gauge>,
     acquire: Histogram,
     revert: Histogram,
@@ -95,6 +97,7 @@ impl Metrics {
         let metrics = Self {
             registry: Mutex::new(Registry::default()),
             boot: slow(),
+            restore: fast(),
             pool_size: Family::default(),
             acquire: fast(),
             revert: fast(),
@@ -114,6 +117,11 @@ impl Metrics {
                 "agent_vm_boot_duration_seconds",
                 "Launch of a VM until its guest agent's Hello",
                 metrics.boot.clone(),
+            );
+            r.register(
+                "agent_vm_restore_duration_seconds",
+                "Start of a VM from a shared golden snapshot until its channel is in step",
+                metrics.restore.clone(),
             );
             r.register(
                 "agent_vm_pool_size",
@@ -201,6 +209,9 @@ impl EventSink for Metrics {
         let vm_labels = |vm: &str| VmLabels { vm: vm.to_string() };
         match event {
             Event::VmBooted { boot_seconds, .. } => self.boot.observe(*boot_seconds),
+            Event::VmRestored {
+                restore_seconds, ..
+            } => self.restore.observe(*restore_seconds),
             Event::PoolStatus {
                 pool,
                 available,

@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::backend::{Backend, BackendError, Machine, RevertOutcome};
+use crate::backend::{Backend, BackendError, Machine, RestoredMachine, RevertOutcome};
 use crate::client::{ClientError, ExecOutput, ExecStream, GuestClient, ResyncStats};
 use crate::command::Command;
 use crate::events::{emit, Event, ProcessUsage};
@@ -85,10 +85,14 @@ impl VmError {
 /// Timings of a VM's boot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BootTimings {
-    /// Launch of the hypervisor until the guest agent's Hello.
+    /// Launch of the hypervisor until the guest agent's Hello; for a VM
+    /// restored from a shared golden snapshot, until its channel was in step.
     pub to_hello: Duration,
-    /// Taking the golden snapshot.
+    /// Taking the golden snapshot (zero when restored).
     pub snapshot: Duration,
+    /// Started from a golden snapshot another VM shared
+    /// ([`Backend::launch_restored`]) instead of booting.
+    pub restored: bool,
 }
 
 /// Timings of one revert.
@@ -127,7 +131,74 @@ impl Vm {
     /// golden snapshot every later [`Vm::revert`] returns to. A VM that
     /// crashes or hangs while booting is destroyed and the error carries the
     /// end of its serial console log.
+    ///
+    /// When the backend holds a golden snapshot of the same spec (its golden
+    /// cache), the VM starts from that instead of booting; if that fails, the
+    /// snapshot is dropped from the cache and the VM boots.
     pub async fn boot(backend: &dyn Backend, spec: VmSpec) -> Result<Self, VmError> {
+        match Self::restore(backend, &spec).await {
+            Ok(Some(vm)) => return Ok(vm),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "starting from the shared golden snapshot failed; booting instead");
+                backend.forget_restored(&spec).await;
+            }
+        }
+        Self::cold_boot(backend, spec).await
+    }
+
+    /// Starts the VM from a shared golden snapshot, if the backend has one.
+    async fn restore(backend: &dyn Backend, spec: &VmSpec) -> Result<Option<Self>, VmError> {
+        let started = Instant::now();
+        let Some(restored) = backend.launch_restored(spec).await? else {
+            return Ok(None);
+        };
+        let RestoredMachine {
+            mut machine,
+            channel,
+            hello,
+        } = restored;
+        let client = GuestClient::attach(channel, hello);
+        if let Err(source) = client.resync(RESYNC_TIMEOUT).await {
+            let error = match machine.check_alive().await {
+                Err(e) => e.into(),
+                Ok(()) => VmError::Guest {
+                    vm: machine.id().to_string(),
+                    source,
+                },
+            };
+            let _ = machine.destroy().await;
+            return Err(error);
+        }
+        let boot = BootTimings {
+            to_hello: started.elapsed(),
+            snapshot: Duration::ZERO,
+            restored: true,
+        };
+        emit(Event::VmCreated {
+            vm: machine.id().to_string(),
+            vcpus: spec.profile.vcpus(),
+            memory_mib: spec.profile.memory_mib(),
+            host_pid: machine.host_pid(),
+        });
+        emit(Event::VmRestored {
+            vm: machine.id().to_string(),
+            restore_seconds: boot.to_hello.as_secs_f64(),
+        });
+        tracing::info!(vm = machine.id(), ?boot, "VM ready (restored)");
+        Ok(Some(Self {
+            machine,
+            client,
+            spec: spec.clone(),
+            boot,
+            created: Instant::now(),
+            reverts: 0,
+            last_sample: None,
+        }))
+    }
+
+    /// Boots the VM, waits for the Hello and takes (and shares) the golden snapshot.
+    async fn cold_boot(backend: &dyn Backend, spec: VmSpec) -> Result<Self, VmError> {
         let started = Instant::now();
         let mut machine = match backend.launch(&spec).await {
             Ok(machine) => machine,
@@ -170,11 +241,21 @@ impl Vm {
                 let boot = BootTimings {
                     to_hello,
                     snapshot: snapshot_start.elapsed(),
+                    restored: false,
                 };
                 emit(Event::VmSnapshotted {
                     vm: machine.id().to_string(),
                     snapshot_seconds: boot.snapshot.as_secs_f64(),
                 });
+                // Sharing is an optimisation for later VMs: a failure only costs them a boot.
+                if let Err(e) = machine.share_golden(client.guest_hello()).await {
+                    if machine.check_alive().await.is_err() {
+                        let _ = machine.destroy().await;
+                        failed(machine.as_ref(), e.to_string());
+                        return Err(e.into());
+                    }
+                    tracing::warn!(vm = machine.id(), error = %e, "could not share the golden snapshot");
+                }
                 tracing::info!(vm = machine.id(), ?boot, "VM ready");
                 Ok(Self {
                     machine,

@@ -1,14 +1,98 @@
 //! The whole host side against real VMs run by the QEMU backend (TCG where
 //! KVM does not work) with the real guest image and agent. The suite itself
-//! is shared with the other backends: `vm_suite/mod.rs`.
+//! is shared with the other backends (`vm_suite/mod.rs`); the golden cache,
+//! which only the QEMU backend has, is tested here.
 
 mod vm_suite;
 
 use agentvm_runtime::backend::qemu::{QemuBackend, QemuConfig};
 use agentvm_runtime::backend::Backend;
+use agentvm_runtime::command::Command;
+use agentvm_runtime::vm::Vm;
 
 fn backend() -> std::sync::Arc<dyn Backend> {
     std::sync::Arc::new(QemuBackend::new(QemuConfig::default()).expect("qemu backend"))
 }
 
 vm_suite_tests!();
+
+/// A backend with the golden cache on, in a runtime directory of its own.
+fn cached_backend(dir: &tempfile::TempDir) -> QemuBackend {
+    QemuBackend::new(QemuConfig {
+        runtime_dir: Some(dir.path().to_path_buf()),
+        golden_cache: true,
+        ..QemuConfig::default()
+    })
+    .expect("qemu backend")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn golden_cache_starts_vms_that_behave_like_booted_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = cached_backend(&dir);
+    let spec = vm_suite::spec();
+    let key = backend.golden_key(&spec).expect("a cache key");
+    let cache = backend.golden_cache().unwrap();
+    assert!(cache.lookup(&key).is_none());
+
+    let mut booted = Vm::boot(&backend, spec.clone()).await.unwrap();
+    assert!(!booted.boot_timings().restored);
+    let entry = cache
+        .lookup(&key)
+        .expect("the booted VM shared its golden snapshot");
+    assert_eq!(&entry.meta.hello, booted.guest_info());
+    // Changes after the golden snapshot are not part of it.
+    vm_suite::sh(&mut booted, "echo booted > /workspace/after-snapshot").await;
+
+    let mut restored = Vm::boot(&backend, spec.clone()).await.unwrap();
+    let timings = restored.boot_timings();
+    assert!(timings.restored, "{timings:?}");
+    eprintln!(
+        "cold boot {:?} + snapshot {:?}; restored in {:?}",
+        booted.boot_timings().to_hello,
+        booted.boot_timings().snapshot,
+        timings.to_hello
+    );
+    assert_ne!(restored.id(), booted.id());
+    assert_eq!(restored.guest_info(), booted.guest_info());
+    let (code, out, _) = vm_suite::sh(&mut restored, "ls /workspace; uname -s").await;
+    assert_eq!((code, out.as_str()), (0, "Linux\n"));
+    // The two run independently, and the restored one reverts like any VM.
+    vm_suite::sh(&mut restored, "echo r > /workspace/mine; rm /bin/ls").await;
+    let (_, out, _) = vm_suite::sh(&mut booted, "ls /workspace").await;
+    assert_eq!(out, "after-snapshot\n");
+    restored.revert().await.unwrap();
+    let (code, out, _) = vm_suite::sh(&mut restored, "ls /workspace; ls /bin/ls").await;
+    assert_eq!((code, out.as_str()), (0, "/bin/ls\n"));
+    let out = restored.exec(Command::new("true")).await.unwrap();
+    assert_eq!(
+        out.report.status,
+        agentvm_runtime::protocol::ExitStatus::Code(0)
+    );
+    restored.destroy().await.unwrap();
+    booted.destroy().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_golden_cache_entry_is_replaced_by_a_boot() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = cached_backend(&dir);
+    let spec = vm_suite::spec();
+    let key = backend.golden_key(&spec).unwrap();
+    let first = Vm::boot(&backend, spec.clone()).await.unwrap();
+    first.destroy().await.unwrap();
+    let entry = backend.golden_cache().unwrap().lookup(&key).unwrap();
+    // Truncated: loadvm cannot find the snapshot.
+    std::fs::write(&entry.state_disk, b"not a qcow2").unwrap();
+    let mut vm = Vm::boot(&backend, spec.clone()).await.unwrap();
+    assert!(!vm.boot_timings().restored, "fell back to a boot");
+    let (code, out, _) = vm_suite::sh(&mut vm, "echo ok").await;
+    assert_eq!((code, out.as_str()), (0, "ok\n"));
+    vm.destroy().await.unwrap();
+    // The boot shared a good snapshot again, and the next VM uses it.
+    let entry = backend.golden_cache().unwrap().lookup(&key).unwrap();
+    assert!(std::fs::metadata(&entry.state_disk).unwrap().len() > 1024 * 1024);
+    let vm = Vm::boot(&backend, spec).await.unwrap();
+    assert!(vm.boot_timings().restored);
+    vm.destroy().await.unwrap();
+}

@@ -12,7 +12,12 @@
 //!
 //! Phases, in order: cold boots (the last VM is kept) → reverts → exec
 //! round trips → file put/get → pool warm-up of `--warmup-vms` VMs →
-//! acquires from that warm pool. Every VM is destroyed before exit.
+//! acquires from that warm pool → (QEMU backend) starts from the golden
+//! cache and a pool warm-up from it. Every VM is destroyed before exit.
+//!
+//! The cold phases run with the golden cache off (`golden_cache = false`);
+//! the golden-cache phases use a cache of their own in a fresh runtime
+//! directory, so what the user's runs left behind changes nothing.
 //!
 //! Progress goes to stderr as `@phase <text>` and `@note <text>` lines, which
 //! `cargo xtask bench` turns into its progress output.
@@ -23,6 +28,7 @@ use std::time::{Duration, Instant};
 
 use agentvm_runtime::backend::qemu::accel;
 use agentvm_runtime::backend::qemu::transport::detect_transport;
+use agentvm_runtime::backend::qemu::{QemuBackend, QemuConfig};
 use agentvm_runtime::backend::{Backend, BackendError, Machine};
 use agentvm_runtime::command::Command;
 use agentvm_runtime::config::{create_backend, AgentVmConfig, BackendKind};
@@ -113,6 +119,11 @@ struct Raw {
     file: FileTransfer,
     pool_warmup: PoolWarmup,
     acquire_us: Vec<f64>,
+    /// Starts from the golden cache (QEMU backend): launch until the
+    /// channel is in step. Empty when the backend has no golden cache.
+    restore_ms: Vec<f64>,
+    /// The pool warm-up again, its VMs started from the golden cache.
+    pool_warmup_restored: Option<PoolWarmup>,
     vm_memory: Vec<VmMemory>,
     bench_process_hwm_kib: Option<u64>,
 }
@@ -260,7 +271,10 @@ async fn run(args: &Args) -> Result<Raw> {
     );
     let image = locate_image(&config.image, &config.image_dir)?;
     let spec = config.vm_spec(image);
-    let inner = create_backend(&config)?;
+    let inner = create_backend(&AgentVmConfig {
+        golden_cache: false,
+        ..config.clone()
+    })?;
     // Both backends make the same accelerator decision (backend::qemu::accel);
     // libvirt's channel is always virtio-serial.
     let auto = accel::detect(agentvm_runtime::spec::Accel::Auto);
@@ -471,8 +485,99 @@ async fn run(args: &Args) -> Result<Raw> {
     }
     pool.shutdown().await;
     result?;
+    if config.backend == BackendKind::Qemu {
+        measure_golden_cache(args, &spec, &mut raw).await?;
+    }
     raw.bench_process_hwm_kib = status_kib("self", "VmHWM");
     Ok(raw)
+}
+
+/// Starts from the golden cache: one boot shares its golden snapshot, then
+/// `--boots` VMs start from it one after the other, then a pool of
+/// `--warmup-vms` starts from it.
+async fn measure_golden_cache(args: &Args, spec: &VmSpec, raw: &mut Raw) -> Result<()> {
+    let runtime = tempfile::Builder::new()
+        .prefix("agentvm-bench-")
+        .tempdir()
+        .context("creating a runtime directory for the golden cache")?;
+    let backend = Arc::new(QemuBackend::new(QemuConfig {
+        runtime_dir: Some(runtime.path().to_path_buf()),
+        golden_cache: true,
+        ..QemuConfig::default()
+    })?);
+    phase(format!(
+        "golden cache: one boot shares its snapshot, then {} VMs start from it one after the other",
+        args.boots
+    ));
+    let first = Vm::boot(backend.as_ref(), spec.clone()).await?;
+    ensure!(
+        !first.boot_timings().restored,
+        "the golden cache in a fresh runtime directory was not empty"
+    );
+    first.destroy().await?;
+    for i in 0..args.boots {
+        let mut vm = Vm::boot(backend.as_ref(), spec.clone()).await?;
+        let timings = vm.boot_timings();
+        ensure!(
+            timings.restored,
+            "VM {} booted instead of starting from the golden cache",
+            vm.id()
+        );
+        vm.exec(Command::new("true")).await?;
+        vm.destroy().await?;
+        raw.restore_ms.push(ms(timings.to_hello));
+        note(format!(
+            "start {}/{}: ready after {:.0} ms",
+            i + 1,
+            args.boots,
+            ms(timings.to_hello)
+        ));
+    }
+    phase(format!(
+        "pool warm-up from the golden cache: {} VMs",
+        args.warmup_vms
+    ));
+    let started = Instant::now();
+    let pool = VmPool::new(
+        backend,
+        PoolConfig {
+            min_size: args.warmup_vms,
+            max_size: args.warmup_vms,
+            max_uses: None,
+            ttl: None,
+            spec: spec.clone(),
+        },
+    )?;
+    let result = async {
+        pool.wait_ready(POOL_WAIT).await?;
+        let mut warmup = PoolWarmup {
+            vms: args.warmup_vms,
+            wall_ms: ms(started.elapsed()),
+            ..PoolWarmup::default()
+        };
+        let mut leases = Vec::new();
+        for _ in 0..args.warmup_vms {
+            leases.push(pool.acquire(Duration::from_secs(60)).await?);
+        }
+        for lease in &leases {
+            let t = lease.boot_timings();
+            ensure!(
+                t.restored,
+                "a pool VM booted instead of starting from the golden cache"
+            );
+            warmup.vm_to_hello_ms.push(ms(t.to_hello));
+            warmup.vm_snapshot_ms.push(ms(t.snapshot));
+        }
+        note(format!(
+            "{} VMs ready after {:.0} ms",
+            warmup.vms, warmup.wall_ms
+        ));
+        Ok::<_, anyhow::Error>(warmup)
+    }
+    .await;
+    pool.shutdown().await;
+    raw.pool_warmup_restored = Some(result?);
+    Ok(())
 }
 
 /// Warm-up wall time, then acquires from the warm pool.

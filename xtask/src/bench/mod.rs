@@ -8,8 +8,10 @@
 //! 1. `agentvm-bench` — boots, snapshot, reverts, exec round trips, file
 //!    put/get, pool warm-up and acquires; it writes raw samples as JSON;
 //! 2. the suite's test binary (`tests/trivial.rs`, N trivial agent tests)
-//!    three times: a warm pool of 2, a fresh VM per test 2 at a time, and a
-//!    fresh VM per test one at a time — only the binary's run is timed;
+//!    four times: a warm pool of 2 with an empty golden cache (first run),
+//!    again with the cache that run left, a fresh VM per test 2 at a time,
+//!    and one at a time (both booting, cache off) — only the binary's run is
+//!    timed;
 //!
 //! while a thread samples the memory of every process below this one
 //! ([`procs`]). Percentiles are computed here ([`stats`]).
@@ -34,7 +36,7 @@ use self::report::{
     Inputs, Raw, Report, Samples, DEFAULT_SUITE_TESTS, MIN_ACQUIRES, MIN_BOOTS, MIN_EXECS,
     MIN_REVERTS,
 };
-use self::suite::{NAIVE, NAIVE_SERIAL, POOLED, REGISTERED_TESTS};
+use self::suite::{NAIVE, NAIVE_SERIAL, POOLED, POOLED_FIRST_RUN, REGISTERED_TESTS};
 use crate::util::{rfc3339_utc, show_command, workspace_root};
 
 /// Which backend runs the VMs.
@@ -194,7 +196,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         args.backend,
     );
     let memory = sampler.finish();
-    let (raw, [pooled, naive, naive_serial]) = result?;
+    let (raw, [pooled_first_run, pooled, naive, naive_serial]) = result?;
     machine.finish();
 
     let report = Report::build(Inputs {
@@ -206,6 +208,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         machine,
         samples: plan.samples(),
         raw,
+        pooled_first_run,
         pooled,
         naive,
         naive_serial,
@@ -269,7 +272,7 @@ fn build(root: &Path, backend: BackendArg) -> Result<Programs> {
     })
 }
 
-type Measured = (Raw, [suite::SuiteRun; 3]);
+type Measured = (Raw, [suite::SuiteRun; 4]);
 
 fn measure(
     printer: &Printer,
@@ -311,11 +314,13 @@ fn measure(
     )
     .with_context(|| format!("reading {}", raw_path.display()))?;
 
-    // 5: the suite, three ways.
+    // 5: the suite, four ways; `pooled` reuses the golden cache that
+    // `pooled_first_run` filled.
     let suite_dir = root.join("examples/bench-suite");
     let n = plan.suite_tests;
     let mut runs = Vec::new();
     for (mode, phase) in [
+        (&POOLED_FIRST_RUN, "suite-pooled-first-run"),
         (&POOLED, "suite-pooled"),
         (&NAIVE, "suite-naive"),
         (&NAIVE_SERIAL, "suite-naive-serial"),
@@ -338,7 +343,7 @@ fn measure(
         runs.push(run);
     }
     sampler.set_phase("end");
-    let runs: [suite::SuiteRun; 3] = runs.try_into().expect("three suite runs");
+    let runs: [suite::SuiteRun; 4] = runs.try_into().expect("four suite runs");
     Ok((raw, runs))
 }
 

@@ -52,6 +52,11 @@ pub struct Raw {
     pub file: RawFile,
     pub pool_warmup: RawWarmup,
     pub acquire_us: Vec<f64>,
+    /// Starts from the golden cache (empty when the backend has none).
+    #[serde(default)]
+    pub restore_ms: Vec<f64>,
+    #[serde(default)]
+    pub pool_warmup_restored: Option<RawWarmup>,
     pub vm_memory: Vec<RawVmMemory>,
     pub bench_process_hwm_kib: Option<u64>,
 }
@@ -157,6 +162,8 @@ pub struct Report {
     pub file_transfer: FileTransfer,
     pub suite: Suite,
     pub pool_warmup: PoolWarmup,
+    /// Starting VMs from the golden cache (`null`: the backend has none).
+    pub golden_cache: Option<GoldenCacheReport>,
     pub memory: Memory,
     pub targets: Vec<Target>,
     pub where_the_time_goes: Vec<String>,
@@ -219,11 +226,16 @@ pub struct FileTransfer {
 pub struct Suite {
     pub tests: usize,
     pub pool_size: usize,
+    /// The pool's VMs start from the golden cache the first run left.
     pub pooled: SuiteRun,
+    /// The first run on this machine: the golden cache is empty, the pool's VMs boot.
+    pub pooled_first_run: SuiteRun,
     pub naive: SuiteRun,
     pub naive_serial: SuiteRun,
     /// `naive.wall_s / pooled.wall_s` (same concurrency): the headline.
     pub speedup: f64,
+    /// `naive.wall_s / pooled_first_run.wall_s`.
+    pub speedup_first_run: f64,
     /// `naive_serial.wall_s / pooled.wall_s`.
     pub speedup_vs_serial: f64,
     /// Per-test cost without the pool's warm-up: (naive acquire p50 + naive
@@ -243,6 +255,19 @@ pub struct PoolWarmup {
     pub speedup: f64,
     pub vm_to_hello_ms: Summary,
     pub vm_snapshot_ms: Summary,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct GoldenCacheReport {
+    /// One VM started from the golden cache until its channel is in step.
+    pub restore_ms: Summary,
+    /// `cold_boot.ready_ms.p50 / restore_ms.p50`.
+    pub speedup_vs_cold_boot: f64,
+    /// The pool warm-up with its VMs started from the cache.
+    pub pool_warmup_vms: usize,
+    pub pool_warmup_wall_ms: f64,
+    /// `pool_warmup.wall_ms / pool_warmup_wall_ms`.
+    pub pool_warmup_speedup: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -293,6 +318,7 @@ pub struct Inputs {
     pub machine: Machine,
     pub samples: Samples,
     pub raw: Raw,
+    pub pooled_first_run: SuiteRun,
     pub pooled: SuiteRun,
     pub naive: SuiteRun,
     pub naive_serial: SuiteRun,
@@ -323,6 +349,7 @@ impl Report {
             mut machine,
             samples,
             raw,
+            pooled_first_run,
             pooled,
             naive,
             naive_serial,
@@ -380,9 +407,11 @@ impl Report {
             tests: pooled.tests,
             pool_size: pooled.pool_max_size,
             speedup: ratio(naive.wall_s, pooled.wall_s),
+            speedup_first_run: ratio(naive.wall_s, pooled_first_run.wall_s),
             speedup_vs_serial: ratio(naive_serial.wall_s, pooled.wall_s),
             steady_state_speedup: ratio(per_test(&naive, true), per_test(&pooled, false)),
             pooled,
+            pooled_first_run,
             naive,
             naive_serial,
         };
@@ -396,6 +425,16 @@ impl Report {
             vm_to_hello_ms: summary(warm.vm_to_hello_ms.iter().copied()),
             vm_snapshot_ms: summary(warm.vm_snapshot_ms.iter().copied()),
         };
+        let golden_cache = raw.pool_warmup_restored.as_ref().and_then(|w| {
+            let restore_ms = Summary::of(&raw.restore_ms)?;
+            Some(GoldenCacheReport {
+                speedup_vs_cold_boot: ratio(cold_boot.ready_ms.p50, restore_ms.p50),
+                restore_ms,
+                pool_warmup_vms: w.vms,
+                pool_warmup_wall_ms: round3(w.wall_ms),
+                pool_warmup_speedup: ratio(pool_warmup.wall_ms, w.wall_ms),
+            })
+        });
         let memory = Memory::build(&memory, &raw);
         let pool_acquire_us = summary(raw.acquire_us.iter().copied());
         let exec_true_ms = summary(raw.exec_true_ms.iter().copied());
@@ -472,6 +511,7 @@ impl Report {
             file_transfer,
             suite,
             pool_warmup,
+            golden_cache,
             memory,
             targets,
             where_the_time_goes: Vec::new(),
@@ -490,11 +530,14 @@ impl Report {
         let (p_test, p_revert) = (p50(p.test_ms), p50(p.revert_ms));
         let (n_test, n_acquire) = (p50(n.test_ms), p50(n.acquire_ms));
         let warmup_s = p.first_acquire_ms / 1000.0;
+        let first = &s.pooled_first_run;
         notes.push(format!(
             "suite, pool of {}: {:.2} s for {} tests = {:.2} s waiting for the pool's first VM \
-             (its {} VMs boot in parallel when the first test starts; {:.0}% of the wall time) \
-             + {:.2} s for the tests: each runs {:.0} ms on its VM (p50), then its VM is reverted \
-             on the same test thread ({:.0} ms p50), {} threads → ≈ {:.0} ms per test",
+             (its {} VMs start from the golden cache when the first test starts; {:.0}% of the \
+             wall time) + {:.2} s for the tests: each runs {:.0} ms on its VM (p50), then its VM \
+             is reverted on the same test thread ({:.0} ms p50), {} threads → ≈ {:.0} ms per test. \
+             The first run on a machine (empty cache, the VMs boot and share their snapshot) \
+             waited {:.2} s for its first VM: {:.2} s in all, {:.1}×",
             s.pool_size,
             p.wall_s,
             s.tests,
@@ -506,6 +549,9 @@ impl Report {
             p_revert,
             p.concurrency,
             (p_test + p_revert) / p.concurrency.max(1) as f64,
+            first.first_acquire_ms / 1000.0,
+            first.wall_s,
+            s.speedup_first_run,
         ));
         notes.push(format!(
             "suite, fresh VM per test: {:.2} s; each test waits {:.0} ms (p50) for its VM \
@@ -543,7 +589,8 @@ impl Report {
                 if self.machine.accelerator == "tcg" {
                     " — after loadvm QEMU flushes all of TCG's translated code (cpu_common_post_load: \
                      tb_flush + tlb_flush), so the guest agent, busybox and kernel paths are translated \
-                     again on every test"
+                     again on every test (a perf profile of the vCPU thread after loadvm: ~75% in TCG's \
+                     translator, ~9% running translated code; README, Benchmarks)"
                 } else {
                     ""
                 }
@@ -619,7 +666,7 @@ impl Report {
             notes.push(format!(
                 "exec round trip p50 {:.1} ms > {TARGET_EXEC_P50_MS} ms: a ping through the channel \
                  and the guest agent takes {:.1} ms (p50), so ≈ {:.1} ms is the guest starting \
-                 `true` and reporting its exit (fork, exec, wait, output streams) on an emulated \
+                 `true` and reporting its exit (posix_spawn, exec, wait, output streams) on an emulated \
                  CPU ({})",
                 self.exec_true_ms.p50,
                 self.channel_ping_ms.p50,
@@ -803,6 +850,7 @@ impl Report {
         );
         for (label, run) in [
             ("pool of 2, 2 threads", &s.pooled),
+            ("  first run, empty golden cache", &s.pooled_first_run),
             ("fresh VM per test, 2 threads", &s.naive),
             ("fresh VM per test, 1 thread", &s.naive_serial),
         ] {
@@ -826,8 +874,8 @@ impl Report {
         }
         let _ = writeln!(
             out,
-            "   speed-up {:.1}× (same concurrency), {:.1}× vs one test at a time; steady state ≈ {:.1}×",
-            s.speedup, s.speedup_vs_serial, s.steady_state_speedup
+            "   speed-up {:.1}× (same concurrency; first run {:.1}×), {:.1}× vs one test at a time; steady state ≈ {:.1}×",
+            s.speedup, s.speedup_first_run, s.speedup_vs_serial, s.steady_state_speedup
         );
         let w = &self.pool_warmup;
         let _ = writeln!(
@@ -839,6 +887,21 @@ impl Report {
             Unit::Ms.show(w.sequential_cold_boots_ms),
             w.speedup,
         );
+        if let Some(g) = &self.golden_cache {
+            let _ = writeln!(
+                out,
+                "   from the golden cache: {} VMs ready after {} ({:.1}× faster); one VM {} p50 \
+                 (n = {}, p90 {}) vs a cold boot's {} ({:.1}×)",
+                g.pool_warmup_vms,
+                Unit::Ms.show(g.pool_warmup_wall_ms),
+                g.pool_warmup_speedup,
+                Unit::Ms.show(g.restore_ms.p50),
+                g.restore_ms.n,
+                Unit::Ms.show(g.restore_ms.p90),
+                Unit::Ms.show(self.cold_boot.ready_ms.p50),
+                g.speedup_vs_cold_boot,
+            );
+        }
         let mem = &self.memory;
         let _ = writeln!(
             out,
@@ -896,7 +959,13 @@ impl Report {
 }
 
 /// The memory sampler's phases, in the order they run.
-pub const PHASES: &[&str] = &["micro", "suite-pooled", "suite-naive", "suite-naive-serial"];
+pub const PHASES: &[&str] = &[
+    "micro",
+    "suite-pooled-first-run",
+    "suite-pooled",
+    "suite-naive",
+    "suite-naive-serial",
+];
 
 fn vms_at_once(n: usize) -> String {
     if n == 1 {
@@ -990,7 +1059,7 @@ impl Unit {
 mod tests {
     use super::*;
     use crate::bench::procs::{PhasePeak, QemuSeen};
-    use crate::bench::suite::{HarnessLine, NAIVE, NAIVE_SERIAL, POOLED};
+    use crate::bench::suite::{HarnessLine, NAIVE, NAIVE_SERIAL, POOLED, POOLED_FIRST_RUN};
     use std::path::Path;
 
     const RAW: &str = r#"{
@@ -1003,7 +1072,10 @@ mod tests {
       "exec_true_ms": [9.0, 8.0], "ping_ms": [0.5], "warm_shell_write_ms": [12.0],
       "file": {"size_bytes": 16777216, "put_ms": [1000.0], "get_ms": [200.0]},
       "pool_warmup": {"vms": 4, "wall_ms": 5000.0, "vm_to_hello_ms": [4000.0], "vm_snapshot_ms": [200.0]},
-      "acquire_us": [3.0, 5.0], "vm_memory": [{"vm": "1-0", "pid": 5, "phase": "pool", "hwm_kib": 262144}],
+      "acquire_us": [3.0, 5.0],
+      "restore_ms": [300.0, 250.0],
+      "pool_warmup_restored": {"vms": 4, "wall_ms": 1000.0, "vm_to_hello_ms": [600.0], "vm_snapshot_ms": [0.0]},
+      "vm_memory": [{"vm": "1-0", "pid": 5, "phase": "pool", "hwm_kib": 262144}],
       "bench_process_hwm_kib": 40000, "extra_field_from_a_newer_program": 1
     }"#;
 
@@ -1070,6 +1142,7 @@ mod tests {
             },
             raw: Raw::parse(RAW).unwrap(),
             pooled: run(&POOLED, 0.0, 150.0, Some(90.0), 4.0),
+            pooled_first_run: run(&POOLED_FIRST_RUN, 0.0, 150.0, Some(90.0), 6.0),
             naive: run(&NAIVE, 2100.0, 50.0, None, 11.0),
             naive_serial: run(&NAIVE_SERIAL, 2000.0, 50.0, None, 21.0),
             memory,
@@ -1086,6 +1159,14 @@ mod tests {
         assert_eq!(r.file_transfer.put_mib_s, 16.0);
         assert_eq!(r.file_transfer.get_mib_s, 80.0);
         assert_eq!(r.suite.speedup, 2.75);
+        assert_eq!(r.suite.speedup_first_run, 1.83);
+        let g = r
+            .golden_cache
+            .as_ref()
+            .expect("restore samples give a golden-cache report");
+        assert_eq!(g.restore_ms.p50, 250.0);
+        assert_eq!(g.speedup_vs_cold_boot, 8.48);
+        assert_eq!((g.pool_warmup_vms, g.pool_warmup_speedup), (4, 5.0));
         assert_eq!(r.suite.speedup_vs_serial, 5.25);
         // (2100 + 50) / (150 + 90)
         assert_eq!(r.suite.steady_state_speedup, 8.96);
@@ -1111,6 +1192,16 @@ mod tests {
     }
 
     #[test]
+    fn a_backend_without_golden_cache_reports_none() {
+        let mut raw: serde_json::Value = serde_json::from_str(RAW).unwrap();
+        let obj = raw.as_object_mut().unwrap();
+        obj.remove("restore_ms");
+        obj.remove("pool_warmup_restored");
+        let raw = Raw::parse(&raw.to_string()).unwrap();
+        assert!(raw.restore_ms.is_empty() && raw.pool_warmup_restored.is_none());
+    }
+
+    #[test]
     fn json_has_the_documented_top_level_fields() {
         let json = serde_json::to_value(report()).unwrap();
         assert_eq!(json["schema_version"], 1);
@@ -1132,12 +1223,22 @@ mod tests {
             "file_transfer",
             "suite",
             "pool_warmup",
+            "golden_cache",
             "memory",
             "targets",
             "where_the_time_goes",
             "artifacts_dir",
         ] {
             assert!(json.get(key).is_some(), "missing {key}");
+        }
+        for key in [
+            "pooled",
+            "pooled_first_run",
+            "naive",
+            "naive_serial",
+            "speedup_first_run",
+        ] {
+            assert!(json["suite"].get(key).is_some(), "missing suite.{key}");
         }
         for key in [
             "nproc",

@@ -21,10 +21,22 @@ pub fn test_name(i: usize) -> String {
     format!("trivial_{i:02}")
 }
 
+/// What a run does with the golden cache (`AGENT_VM_GOLDEN_CACHE`), in the
+/// suite runs' own runtime directory (`XDG_RUNTIME_DIR`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GoldenCache {
+    /// Off: every VM boots.
+    Off,
+    /// On, starting empty: the first VMs boot and share their snapshot.
+    Empty,
+    /// On, with what the previous run (an [`GoldenCache::Empty`] one) left.
+    Reuse,
+}
+
 /// How the suite is run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Mode {
-    /// Key in the report (`pooled`, `naive`, `naive_serial`).
+    /// Key in the report (`pooled`, `pooled_first_run`, `naive`, `naive_serial`).
     pub key: &'static str,
     pub description: &'static str,
     pub pool_min_size: usize,
@@ -32,16 +44,31 @@ pub struct Mode {
     /// `AGENT_VM_MAX_USES` (`None`: unset).
     pub max_uses: Option<u64>,
     pub test_threads: usize,
+    pub golden_cache: GoldenCache,
 }
 
-/// The warm pool of 2 VMs the harness uses by default.
+/// The harness's defaults on a machine that ran it before: a warm pool of 2
+/// VMs started from the golden cache.
 pub const POOLED: Mode = Mode {
     key: "pooled",
-    description: "warm pool of 2 VMs, reverted after each test",
+    description: "warm pool of 2 VMs started from the golden cache, reverted after each test",
     pool_min_size: 2,
     pool_max_size: 2,
     max_uses: None,
     test_threads: 2,
+    golden_cache: GoldenCache::Reuse,
+};
+
+/// The harness's defaults on a fresh machine: the pool's 2 VMs boot.
+pub const POOLED_FIRST_RUN: Mode = Mode {
+    key: "pooled_first_run",
+    description:
+        "warm pool of 2 VMs, first run (empty golden cache: they boot), reverted after each test",
+    pool_min_size: 2,
+    pool_max_size: 2,
+    max_uses: None,
+    test_threads: 2,
+    golden_cache: GoldenCache::Empty,
 };
 
 /// A fresh VM per test, 2 at a time (same concurrency as the pool).
@@ -52,6 +79,7 @@ pub const NAIVE: Mode = Mode {
     pool_max_size: 2,
     max_uses: Some(1),
     test_threads: 2,
+    golden_cache: GoldenCache::Off,
 };
 
 /// A fresh VM per test, one test at a time.
@@ -62,6 +90,7 @@ pub const NAIVE_SERIAL: Mode = Mode {
     pool_max_size: 1,
     max_uses: Some(1),
     test_threads: 1,
+    golden_cache: GoldenCache::Off,
 };
 
 /// One `agentvm: <test> on vm <id>: <dur> (acquire <dur>, <revert>)` line of
@@ -200,12 +229,22 @@ pub fn run(
     // run go to a fresh directory: nothing of the user's runs is overwritten,
     // and no run's baseline is compared with another mode's.
     let artifacts = log_dir.join(format!("suite-{}", mode.key));
-    match std::fs::remove_dir_all(&artifacts) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            return Err(e).with_context(|| format!("removing {}", artifacts.display()))
-        }
-        _ => {}
+    // The VMs' runtime directory (and golden cache) of the suite runs,
+    // apart from the user's.
+    let runtime = log_dir.join("suite-runtime");
+    let mut fresh = vec![&artifacts];
+    if mode.golden_cache == GoldenCache::Empty {
+        fresh.push(&runtime);
     }
+    for dir in fresh {
+        match std::fs::remove_dir_all(dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("removing {}", dir.display()))
+            }
+            _ => {}
+        }
+    }
+    std::fs::create_dir_all(&runtime).with_context(|| format!("creating {}", runtime.display()))?;
     let mut command = Command::new(test_binary);
     command
         .args(test_binary_args(mode, tests))
@@ -213,6 +252,15 @@ pub fn run(
         .env("CARGO_MANIFEST_DIR", suite_dir)
         .env("AGENT_VM_BACKEND", backend)
         .env("AGENT_VM_ARTIFACTS_DIR", &artifacts)
+        .env("XDG_RUNTIME_DIR", &runtime)
+        .env(
+            "AGENT_VM_GOLDEN_CACHE",
+            if mode.golden_cache == GoldenCache::Off {
+                "false"
+            } else {
+                "true"
+            },
+        )
         .env_remove("AGENT_VM_METRICS_PORT")
         .env_remove("AGENT_VM_AUDIT_LOG")
         .env("AGENT_VM_POOL_MIN_SIZE", mode.pool_min_size.to_string())

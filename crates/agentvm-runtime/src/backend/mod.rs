@@ -9,6 +9,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use crate::protocol::Hello;
 use crate::spec::VmSpec;
 
 #[cfg(feature = "libvirt")]
@@ -120,6 +121,42 @@ pub trait Backend: Send + Sync + 'static {
     /// the host end of the control channel can be connected; it does not wait
     /// for the guest agent (the caller waits for its Hello).
     async fn launch(&self, spec: &VmSpec) -> Result<Box<dyn Machine>, BackendError>;
+
+    /// Starts a VM already at the golden snapshot an earlier VM of the same
+    /// `spec` shared with [`Machine::share_golden`] (a golden cache), with
+    /// the host end of its control channel connected. `None` when the
+    /// backend has no such snapshot (or no cache): boot with
+    /// [`Backend::launch`] instead.
+    async fn launch_restored(
+        &self,
+        _spec: &VmSpec,
+    ) -> Result<Option<RestoredMachine>, BackendError> {
+        Ok(None)
+    }
+
+    /// Drops the shared golden snapshot of `spec`: a VM restored from it did
+    /// not work, and no later VM should try it again.
+    async fn forget_restored(&self, _spec: &VmSpec) {}
+}
+
+/// A VM started at a shared golden snapshot ([`Backend::launch_restored`]).
+pub struct RestoredMachine {
+    /// The VM.
+    pub machine: Box<dyn Machine>,
+    /// Its control channel, connected before the snapshot was loaded so that
+    /// the guest never sees the host go away (resynchronise it first).
+    pub channel: BoxedChannel,
+    /// What the guest agent said in its Hello before the snapshot.
+    pub hello: Hello,
+}
+
+impl std::fmt::Debug for RestoredMachine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RestoredMachine")
+            .field("vm", &self.machine.id())
+            .field("hello", &self.hello)
+            .finish_non_exhaustive()
+    }
 }
 
 /// One running VM, at the hypervisor level.
@@ -134,6 +171,14 @@ pub trait Machine: Send + Sync {
 
     /// Takes the golden snapshot (memory + disk) of the running VM.
     async fn snapshot_golden(&mut self) -> Result<(), BackendError>;
+
+    /// Offers the golden snapshot just taken, with the guest agent's
+    /// `hello`, to the backend's golden cache, so that later VMs of the same
+    /// spec can start from it ([`Backend::launch_restored`]). Does nothing
+    /// when the backend has no cache or already holds one for this spec.
+    async fn share_golden(&mut self, _hello: &Hello) -> Result<(), BackendError> {
+        Ok(())
+    }
 
     /// Restores the golden snapshot. Afterwards the guest runs from the instant
     /// of the snapshot; bytes in flight on the channel are garbage and the

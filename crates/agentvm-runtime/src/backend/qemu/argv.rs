@@ -95,6 +95,8 @@ pub struct LaunchArgs<'a> {
     /// passed to the guest as `tsc_early_khz=` so that boot does not depend
     /// on calibrating against the emulated PIT.
     pub host_tsc_khz: Option<u32>,
+    /// Start with the vCPUs stopped (`-S`), e.g. to load a snapshot first.
+    pub start_paused: bool,
 }
 
 /// The full argument list (without the program name).
@@ -124,6 +126,9 @@ pub fn build_argv(a: &LaunchArgs<'_>) -> Result<Vec<String>, ArgvError> {
     argv.extend(channel_args(a.channel, &a.paths.ctl_socket)?);
     argv.extend(qmp_args(&a.paths.qmp_socket)?);
     argv.extend(state_drive_args(&a.paths.state_disk)?);
+    if a.start_paused {
+        argv.push("-S".into());
+    }
     Ok(argv)
 }
 
@@ -332,6 +337,7 @@ mod tests {
             paths: &paths,
             channel: ChannelConfig::VirtioSerial,
             host_tsc_khz: Some(2_596_120),
+            start_paused: false,
         })
         .unwrap();
         let expected = [
@@ -449,10 +455,33 @@ mod tests {
             paths: &paths,
             channel: ChannelConfig::VirtioSerial,
             host_tsc_khz: Some(2_596_120),
+            start_paused: false,
         })
         .unwrap();
         let append = argv.iter().position(|a| a == "-append").unwrap();
         assert_eq!(argv[append + 1], "console=ttyS0 panic=1 quiet");
+    }
+
+    #[test]
+    fn paused_start_adds_dash_s_at_the_end() {
+        let spec = spec();
+        let paths = VmPaths::new("/r/vms/1-0");
+        let args = |start_paused| {
+            build_argv(&LaunchArgs {
+                vm_id: "1-0",
+                spec: &spec,
+                accel: ResolvedAccel::Tcg,
+                paths: &paths,
+                channel: ChannelConfig::VirtioSerial,
+                host_tsc_khz: None,
+                start_paused,
+            })
+            .unwrap()
+        };
+        let (running, paused) = (args(false), args(true));
+        assert!(!running.iter().any(|a| a == "-S"));
+        assert_eq!(paused.last().map(String::as_str), Some("-S"));
+        assert_eq!(paused[..paused.len() - 1], running[..]);
     }
 
     #[test]
@@ -486,6 +515,7 @@ mod tests {
             paths: &paths,
             channel: ChannelConfig::VirtioSerial,
             host_tsc_khz: None,
+            start_paused: false,
         })
         .unwrap_err();
         assert_eq!(err, ArgvError::UnsupportedNetwork(NetworkMode::NatFiltered));

@@ -12,12 +12,16 @@
 //! as soon as the monitor answers (the guest is still booting, the caller
 //! waits for the guest agent on [`Machine::connect_channel`]). Revert is HMP
 //! `loadvm golden`, which keeps the host end of the channel connected
-//! ([`RevertOutcome::ChannelKept`]). A guest kernel panic reboots (`panic=1`),
+//! ([`RevertOutcome::ChannelKept`]). With the golden cache ([`golden`],
+//! `QemuConfig::golden_cache`) the first VM of a configuration shares its
+//! golden snapshot and later ones start paused, connect the channel, `loadvm`
+//! it and continue: [`Backend::launch_restored`]. A guest kernel panic reboots (`panic=1`),
 //! `-no-reboot` makes QEMU exit, and [`Machine::check_alive`] reports
 //! [`BackendError::Crashed`] with the end of the serial console.
 
 pub mod accel;
 pub mod argv;
+pub mod golden;
 pub mod process;
 pub mod qmp;
 pub mod rundir;
@@ -33,11 +37,13 @@ use tokio::net::UnixStream;
 
 use self::accel::{AccelDecision, ResolvedAccel};
 use self::argv::{ChannelConfig, LaunchArgs};
+use self::golden::{FileIdentity, GoldenCache};
 use self::process::{describe_exit, QemuProcess};
 use self::qmp::{QmpClient, QmpError};
 use self::rundir::VmPaths;
 use self::transport::{Transport, TransportDecision};
-use super::{Backend, BackendError, BoxedChannel, Machine, RevertOutcome};
+use super::{Backend, BackendError, BoxedChannel, Machine, RestoredMachine, RevertOutcome};
+use crate::protocol::{Hello, PROTOCOL_VERSION};
 use crate::spec::{Accel, VmSpec};
 
 /// Name of the golden snapshot inside the state qcow2.
@@ -96,6 +102,10 @@ pub struct QemuConfig {
     /// file grows beyond it with the saved VM state; the size only bounds
     /// what a guest could write, and no guest device sees it.
     pub state_disk_mib: Option<u32>,
+    /// Keep golden snapshots in `<runtime dir>/golden/` and start VMs from
+    /// them ([`golden`]; virtio-serial transport only). Off by default here;
+    /// the harness's configuration (`golden_cache`) turns it on.
+    pub golden_cache: bool,
     /// Deadlines.
     pub timeouts: QemuTimeouts,
 }
@@ -112,6 +122,7 @@ pub struct QemuBackend {
     host_tsc_khz: Option<u32>,
     transport: TransportDecision,
     timeouts: QemuTimeouts,
+    golden: Option<GoldenCache>,
 }
 
 static VM_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -143,6 +154,9 @@ impl QemuBackend {
         if !swept.removed.is_empty() {
             tracing::info!(killed = ?swept.killed, removed = swept.removed.len(), "swept stale VMs");
         }
+        let transport = transport::detect_transport();
+        let golden = (config.golden_cache && transport.transport == Transport::VirtioSerial)
+            .then(|| GoldenCache::new(root.join("golden")));
         Ok(Self {
             qemu,
             qemu_img,
@@ -151,8 +165,9 @@ impl QemuBackend {
             state_disk_mib: config.state_disk_mib.unwrap_or(32),
             auto_accel: accel::detect(Accel::Auto),
             host_tsc_khz: accel::detect_host_tsc_khz(),
-            transport: transport::detect_transport(),
+            transport,
             timeouts: config.timeouts,
+            golden,
         })
     }
 
@@ -184,8 +199,81 @@ impl QemuBackend {
         }
     }
 
+    /// The golden cache, when it is on.
+    pub fn golden_cache(&self) -> Option<&GoldenCache> {
+        self.golden.as_ref()
+    }
+
+    /// The golden-cache key of `spec` (`None` without a cache, or when the
+    /// files it depends on cannot be read): the command line with neutral
+    /// per-VM paths and id, the QEMU binary, the kernel and the initramfs.
+    pub fn golden_key(&self, spec: &VmSpec) -> Option<String> {
+        self.golden.as_ref()?;
+        let paths = VmPaths::new("/agentvm-golden");
+        let argv = argv::build_argv(&LaunchArgs {
+            vm_id: "golden",
+            spec,
+            accel: self.resolve_accel(spec.accel),
+            paths: &paths,
+            channel: ChannelConfig::VirtioSerial,
+            host_tsc_khz: self.host_tsc_khz,
+            start_paused: false,
+        })
+        .ok()?;
+        let files = [&self.qemu, &spec.image.kernel, &spec.image.initramfs]
+            .into_iter()
+            .map(|path| FileIdentity::of(path))
+            .collect::<std::io::Result<Vec<_>>>()
+            .ok()?;
+        Some(golden::cache_key(&argv, &files))
+    }
+
     /// Like [`Backend::launch`], returning the concrete machine type.
     pub async fn launch_qemu(&self, spec: &VmSpec) -> Result<QemuMachine, BackendError> {
+        let mut machine = self.start(spec, StateDisk::Create, false).await?;
+        if let (Some(cache), Some(key)) = (&self.golden, self.golden_key(spec)) {
+            if cache.lookup(&key).is_none() {
+                machine.golden_slot = Some((cache.clone(), key));
+            }
+        }
+        Ok(machine)
+    }
+
+    /// Like [`Backend::launch_restored`], returning the concrete machine type.
+    pub async fn launch_restored_qemu(
+        &self,
+        spec: &VmSpec,
+    ) -> Result<Option<(QemuMachine, BoxedChannel, Hello)>, BackendError> {
+        let (Some(cache), Some(key)) = (&self.golden, self.golden_key(spec)) else {
+            return Ok(None);
+        };
+        let Some(entry) = cache.lookup(&key) else {
+            return Ok(None);
+        };
+        if entry.meta.hello.protocol_version != PROTOCOL_VERSION {
+            cache.remove(&key);
+            return Ok(None);
+        }
+        let started = Instant::now();
+        let mut machine = self
+            .start(spec, StateDisk::CopyOf(&entry.state_disk), true)
+            .await?;
+        // Connected before the load: the restored virtio-serial port was
+        // host-connected when saved, so the guest sees no hang-up.
+        let channel = machine.connect_channel().await?;
+        machine.hmp(&format!("loadvm {GOLDEN_SNAPSHOT}")).await?;
+        machine.resume().await?;
+        tracing::info!(vm = %machine.id, elapsed = ?started.elapsed(), "VM restored from the golden cache");
+        Ok(Some((machine, channel, entry.meta.hello)))
+    }
+
+    /// Creates the VM directory and state disk, spawns QEMU and connects QMP.
+    async fn start(
+        &self,
+        spec: &VmSpec,
+        state_disk: StateDisk<'_>,
+        start_paused: bool,
+    ) -> Result<QemuMachine, BackendError> {
         for path in [&spec.image.kernel, &spec.image.initramfs] {
             if !path.is_file() {
                 return Err(BackendError::MissingImage {
@@ -211,9 +299,21 @@ impl QemuBackend {
             destroyed: false,
             final_tail: None,
             kept_log: None,
+            golden_slot: None,
         };
         let started = Instant::now();
-        self.create_state_disk(&machine).await?;
+        match state_disk {
+            StateDisk::Create => self.create_state_disk(&machine).await?,
+            StateDisk::CopyOf(source) => {
+                let (from, to) = (source.to_path_buf(), machine.paths.state_disk.clone());
+                tokio::task::spawn_blocking(move || std::fs::copy(&from, &to))
+                    .await
+                    .map_err(|e| {
+                        io_error("copying the golden state".into(), std::io::Error::other(e))
+                    })?
+                    .map_err(|e| io_error(format!("copying {}", source.display()), e))?;
+            }
+        }
         let channel = match self.transport.transport {
             Transport::VirtioSerial => ChannelConfig::VirtioSerial,
             Transport::Vsock => ChannelConfig::Vsock {
@@ -228,6 +328,7 @@ impl QemuBackend {
             paths: &machine.paths,
             channel,
             host_tsc_khz: self.host_tsc_khz,
+            start_paused,
         };
         let args = argv::build_argv(&launch)
             .map_err(|e| control(&id, "building the QEMU command line", e.to_string()))?;
@@ -297,6 +398,35 @@ impl Backend for QemuBackend {
     async fn launch(&self, spec: &VmSpec) -> Result<Box<dyn Machine>, BackendError> {
         Ok(Box::new(self.launch_qemu(spec).await?))
     }
+
+    async fn launch_restored(
+        &self,
+        spec: &VmSpec,
+    ) -> Result<Option<RestoredMachine>, BackendError> {
+        Ok(self
+            .launch_restored_qemu(spec)
+            .await?
+            .map(|(machine, channel, hello)| RestoredMachine {
+                machine: Box::new(machine),
+                channel,
+                hello,
+            }))
+    }
+
+    async fn forget_restored(&self, spec: &VmSpec) {
+        if let (Some(cache), Some(key)) = (&self.golden, self.golden_key(spec)) {
+            tracing::warn!(key = %key, "dropping a golden cache entry that did not restore");
+            cache.remove(&key);
+        }
+    }
+}
+
+/// Where a new VM's state disk comes from.
+enum StateDisk<'a> {
+    /// A fresh, empty qcow2.
+    Create,
+    /// A copy of a golden cache entry's.
+    CopyOf(&'a Path),
 }
 
 /// One QEMU process and its files. Dropping it kills QEMU and removes its
@@ -317,6 +447,9 @@ pub struct QemuMachine {
     final_tail: Option<String>,
     /// Where the serial log was moved to (`keep_logs_in`).
     kept_log: Option<PathBuf>,
+    /// The golden cache and key this VM's golden snapshot goes to
+    /// ([`Machine::share_golden`]); `None` when there is nothing to share.
+    golden_slot: Option<(GoldenCache, String)>,
 }
 
 impl QemuMachine {
@@ -567,6 +700,33 @@ impl Machine for QemuMachine {
 
     async fn snapshot_golden(&mut self) -> Result<(), BackendError> {
         self.hmp(&format!("savevm {GOLDEN_SNAPSHOT}")).await
+    }
+
+    async fn share_golden(&mut self, hello: &Hello) -> Result<(), BackendError> {
+        let Some((cache, key)) = self.golden_slot.take() else {
+            return Ok(());
+        };
+        if cache.lookup(&key).is_some() {
+            return Ok(());
+        }
+        // Stopped, QEMU has flushed the qcow2 and does not write to it.
+        self.pause().await?;
+        let meta = golden::Meta {
+            format: golden::FORMAT,
+            key,
+            hello: hello.clone(),
+            created_unix: golden::now_unix(),
+            source_vm: self.id.clone(),
+        };
+        let source = self.paths.state_disk.clone();
+        let stored = tokio::task::spawn_blocking(move || cache.store(&source, &meta))
+            .await
+            .map_err(|e| io_error("storing the golden state".into(), std::io::Error::other(e)));
+        let resumed = self.resume().await;
+        let stored = stored?.map_err(|e| io_error("storing the golden state".into(), e))?;
+        resumed?;
+        tracing::info!(vm = %self.id, stored, "golden snapshot shared");
+        Ok(())
     }
 
     async fn revert_golden(&mut self) -> Result<RevertOutcome, BackendError> {
