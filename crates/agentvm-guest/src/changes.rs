@@ -204,9 +204,150 @@ fn deleted(path: &str, before: FileState) -> FileChange {
     }
 }
 
+/// A point in time as the kernel stamps inodes: `CLOCK_REALTIME_COARSE`
+/// (what tmpfs/ramfs use for ctime), so that a change right after it never
+/// gets an earlier stamp.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct InodeTime {
+    /// Seconds since the epoch.
+    pub secs: i64,
+    /// Nanoseconds.
+    pub nanos: i64,
+}
+
+impl InodeTime {
+    /// Now.
+    pub fn now() -> Self {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: ts is valid for writes; the clock id is a constant.
+        unsafe { libc::clock_gettime(libc::CLOCK_REALTIME_COARSE, &mut ts) };
+        Self {
+            secs: ts.tv_sec,
+            nanos: ts.tv_nsec,
+        }
+    }
+
+    fn ctime_of(meta: &fs::Metadata) -> Self {
+        Self {
+            secs: meta.ctime(),
+            nanos: meta.ctime_nsec(),
+        }
+    }
+}
+
+/// Entries visited by [`changed_outside`] at most (an agent that made a
+/// million files in /tmp must not stall the answer).
+pub const OUTSIDE_VISIT_LIMIT: usize = 200_000;
+
+/// The paths under `root` (absolute, `root` itself included) whose inode
+/// changed at or after `since` — written, created, chmod'ed, or a directory
+/// an entry was created in or removed from — skipping the trees in
+/// `exclude` and everything under `root` named `proc`, `sys` or `dev`
+/// (pseudo file systems). Sorted; at most `limit` (the bool: there were more,
+/// or the walk stopped at [`OUTSIDE_VISIT_LIMIT`]). Symlinks are not followed.
+pub fn changed_outside(
+    root: &Path,
+    exclude: &[&Path],
+    since: InodeTime,
+    limit: usize,
+) -> (Vec<String>, bool) {
+    let pseudo: Vec<PathBuf> = ["proc", "sys", "dev"]
+        .iter()
+        .map(|d| root.join(d))
+        .collect();
+    let skipped = |path: &Path| exclude.contains(&path) || pseudo.iter().any(|p| p == path);
+    let mut found = Vec::new();
+    let mut visited = 0usize;
+    let mut truncated = false;
+    let mut dirs = vec![root.to_path_buf()];
+    if fs::symlink_metadata(root).is_ok_and(|m| InodeTime::ctime_of(&m) >= since) {
+        found.push(root.to_path_buf());
+    }
+    while let Some(dir) = dirs.pop() {
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            visited += 1;
+            if visited > OUTSIDE_VISIT_LIMIT {
+                truncated = true;
+                dirs.clear();
+                break;
+            }
+            let path = entry.path();
+            if skipped(&path) {
+                continue;
+            }
+            let Ok(meta) = fs::symlink_metadata(&path) else {
+                continue;
+            };
+            if InodeTime::ctime_of(&meta) >= since {
+                found.push(path.clone());
+            }
+            if meta.is_dir() {
+                dirs.push(path);
+            }
+        }
+    }
+    found.sort();
+    if found.len() > limit {
+        found.truncate(limit);
+        truncated = true;
+    }
+    let found = found
+        .into_iter()
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect();
+    (found, truncated)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn changed_outside_finds_what_changed_after_the_baseline() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().canonicalize().unwrap();
+        for d in ["etc", "ws", "proc", "stage", "empty"] {
+            fs::create_dir(root.join(d)).unwrap();
+        }
+        fs::write(root.join("etc/old"), "old").unwrap();
+        fs::write(root.join("etc/keep"), "keep").unwrap();
+        // The coarse clock ticks every few ms: make sure the baseline is later.
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        let since = InodeTime::now();
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        fs::write(root.join("etc/new"), "new").unwrap();
+        fs::remove_file(root.join("etc/old")).unwrap();
+        fs::write(root.join("ws/inside"), "x").unwrap();
+        fs::write(root.join("stage/task"), "x").unwrap();
+        fs::write(root.join("proc/pseudo"), "x").unwrap();
+        let (ws, stage) = (root.join("ws"), root.join("stage"));
+        let (found, truncated) =
+            changed_outside(&root, &[ws.as_path(), stage.as_path()], since, 100);
+        let rel: Vec<String> = found
+            .iter()
+            .map(|p| {
+                p.strip_prefix(&*root.to_string_lossy())
+                    .unwrap()
+                    .to_string()
+            })
+            .collect();
+        // The root's own entries did not change; etc got one and lost one.
+        assert_eq!(rel, ["/etc", "/etc/new"], "{found:?}");
+        assert!(!truncated);
+        let (found, truncated) = changed_outside(&root, &[ws.as_path(), stage.as_path()], since, 1);
+        assert_eq!(found.len(), 1);
+        assert!(truncated);
+        // Excluded trees are not listed even as changed directories.
+        let (found, _) = changed_outside(&root, &[], since, 100);
+        assert!(found.iter().any(|p| p.ends_with("/ws")), "{found:?}");
+        assert!(!found.iter().any(|p| p.contains("/proc")), "{found:?}");
+    }
 
     fn file(content: &str, mode: u32) -> FileState {
         FileState {

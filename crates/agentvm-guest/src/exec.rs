@@ -13,6 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
 use tokio::sync::oneshot;
 
+use crate::counters::Counters;
 use crate::files::{io_error, resolve, Roots};
 use crate::reaper::{Reaped, Reaper};
 use crate::server::{error_reply, Outbox};
@@ -44,6 +45,7 @@ pub struct Spawned {
     timeout: Option<Duration>,
     kill_grace: Duration,
     output_limit: u64,
+    counters_before: Counters,
 }
 
 /// Validates an exec request and spawns its command in its own process group.
@@ -67,6 +69,7 @@ pub fn spawn(request: ExecRequest, roots: &Roots, reaper: &Reaper) -> Result<Spa
     }
 
     let env = command_env(std::env::vars_os(), request.clear_env, &cwd, &request.env);
+    let counters_before = Counters::read();
     let (child, exited) = reaper
         .spawn(&SpawnSpec {
             program,
@@ -117,6 +120,7 @@ pub fn spawn(request: ExecRequest, roots: &Roots, reaper: &Reaper) -> Result<Spa
         timeout: request.timeout,
         kill_grace: request.kill_grace.min(MAX_GRACE),
         output_limit: request.output_limit,
+        counters_before,
     })
 }
 
@@ -188,6 +192,7 @@ pub async fn run(spawned: Spawned, request_id: u64, out: Outbox) -> ExitReport {
         timeout,
         kill_grace,
         output_limit,
+        counters_before,
     } = spawned;
 
     let stdin_task = stdin.map(|(tx, data)| tokio::spawn(feed_stdin(tx, data)));
@@ -226,6 +231,7 @@ pub async fn run(spawned: Spawned, request_id: u64, out: Outbox) -> ExitReport {
     // case) then costs one /proc scan (at the end) instead of two.
     let mut scan =
         tokio::time::interval_at(tokio::time::Instant::now() + SCAN_INTERVAL, SCAN_INTERVAL);
+    let mut peak_processes: Option<u64> = None;
     scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     let reaped = loop {
@@ -238,7 +244,8 @@ pub async fn run(spawned: Spawned, request_id: u64, out: Outbox) -> ExitReport {
                 killer = Some(tokio::spawn(async move { tree.kill(Some(kill_grace)).await }));
             }
             _ = scan.tick() => {
-                tree.refresh();
+                let members = tree.refresh() as u64;
+                peak_processes = Some(peak_processes.map_or(members, |p| p.max(members)));
             }
         }
     };
@@ -260,10 +267,17 @@ pub async fn run(spawned: Spawned, request_id: u64, out: Outbox) -> ExitReport {
         task.abort();
     }
 
-    let Reaped { status, resources } = reaped.unwrap_or(Reaped {
+    let Reaped {
+        status,
+        mut resources,
+    } = reaped.unwrap_or(Reaped {
         status: ExitStatus::Code(-1),
         resources: ResourceUsage::default(),
     });
+    let grown = counters_before.since(Counters::read());
+    resources.processes_started = grown.forks;
+    resources.peak_processes = peak_processes;
+    resources.unroutable_packets = grown.unroutable;
     let stdout_bytes = out_stats.total.load(Ordering::Relaxed);
     let stderr_bytes = err_stats.total.load(Ordering::Relaxed);
     ExitReport {

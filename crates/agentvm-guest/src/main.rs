@@ -21,6 +21,7 @@ macro_rules! log {
 }
 
 mod changes;
+mod counters;
 mod exec;
 mod files;
 mod reaper;
@@ -43,6 +44,11 @@ struct Cli {
     /// Staging root: absolute paths under it are allowed too (agent binaries, task files).
     #[arg(long, value_name = "DIR", default_value = "/opt/agentvm")]
     staging: PathBuf,
+
+    /// Root of the tree watched for changes outside the workspace and the
+    /// staging root (without its `proc`, `sys` and `dev`).
+    #[arg(long, value_name = "DIR", default_value = "/")]
+    system_root: PathBuf,
 
     #[command(flatten)]
     transport: TransportArgs,
@@ -136,7 +142,7 @@ async fn serve_forever(cli: &Cli, pid1: bool) -> Result<(), String> {
     let reaper =
         reaper::Reaper::start().map_err(|e| format!("cannot install the SIGCHLD handler: {e}"))?;
     let roots = files::Roots::new(&cli.workspace, &cli.staging);
-    let agent = server::Agent::start(roots, reaper).await;
+    let agent = server::Agent::start(roots, cli.system_root.clone(), reaper).await;
     let mut transport = Transport::new(cli.transport.kind());
     loop {
         let conn = match transport.next().await {

@@ -125,6 +125,9 @@ fn resources(usage: &libc::rusage) -> ResourceUsage {
         peak_rss_bytes: Some((usage.ru_maxrss.max(0) as u64).saturating_mul(1024)),
         user_cpu: Some(time(usage.ru_utime)),
         system_cpu: Some(time(usage.ru_stime)),
+        processes_started: None,
+        peak_processes: None,
+        unroutable_packets: None,
     }
 }
 

@@ -6,12 +6,14 @@
 //! through the connection's [`Outbox`], which a writer task drains in order.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use agentvm_runtime::protocol::{
     encode_frame, ChangeList, ErrorKind, ErrorReply, FileChange, Frame, FrameError, FrameReader,
-    FrameWriter, Hello, KillRequest, Message, Pong, PutFileChunk, PROTOCOL_VERSION,
+    FrameWriter, Hello, KillRequest, Message, Pong, PutFileChunk, MAX_OUTSIDE_PATHS,
+    PROTOCOL_VERSION,
 };
 use bytes::BytesMut;
 use tokio::io::AsyncWrite;
@@ -89,6 +91,7 @@ enum ChangesJob {
     List {
         request_id: u64,
         include_text: bool,
+        outside_workspace: bool,
         out: Outbox,
     },
     Reset {
@@ -117,13 +120,20 @@ impl std::fmt::Debug for ChangesJob {
 
 impl Agent {
     /// Records the initial workspace baseline and starts the workers.
-    pub async fn start(roots: Roots, reaper: Arc<Reaper>) -> Arc<Self> {
+    /// `system_root` is the tree watched for changes outside the workspace.
+    pub async fn start(roots: Roots, system_root: PathBuf, reaper: Arc<Reaper>) -> Arc<Self> {
         let workspace = roots.workspace.clone();
+        let since = changes::InodeTime::now();
         let baseline = tokio::task::spawn_blocking(move || changes::scan(&workspace))
             .await
             .unwrap_or_default();
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(changes_worker(roots.workspace.clone(), baseline, rx));
+        let watched = Watched {
+            workspace: roots.workspace.clone(),
+            staging: roots.staging.clone(),
+            system_root,
+        };
+        tokio::spawn(changes_worker(watched, baseline, since, rx));
         Arc::new(Self {
             roots,
             reaper,
@@ -159,28 +169,63 @@ fn kernel_release() -> Option<String> {
     String::from_utf8(bytes).ok()
 }
 
+/// The trees the changes worker looks at.
+#[derive(Debug, Clone)]
+struct Watched {
+    workspace: PathBuf,
+    staging: PathBuf,
+    system_root: PathBuf,
+}
+
 async fn changes_worker(
-    workspace: std::path::PathBuf,
+    watched: Watched,
     mut baseline: Snapshot,
+    mut since: changes::InodeTime,
     mut rx: mpsc::UnboundedReceiver<ChangesJob>,
 ) {
     while let Some(job) = rx.recv().await {
-        let root = workspace.clone();
-        let current = tokio::task::spawn_blocking(move || changes::scan(&root))
-            .await
-            .unwrap_or_default();
+        let outside = matches!(
+            job,
+            ChangesJob::List {
+                outside_workspace: true,
+                ..
+            }
+        );
+        let now = changes::InodeTime::now();
+        let w = watched.clone();
+        let (current, outside) = tokio::task::spawn_blocking(move || {
+            let current = changes::scan(&w.workspace);
+            let outside = outside.then(|| {
+                changes::changed_outside(
+                    &w.system_root,
+                    &[w.workspace.as_path(), w.staging.as_path()],
+                    since,
+                    MAX_OUTSIDE_PATHS,
+                )
+            });
+            (current, outside)
+        })
+        .await
+        .unwrap_or_default();
         match job {
             ChangesJob::Reset { request_id, out } => {
                 baseline = current;
+                since = now;
                 out.send(request_id, Message::Ok(Default::default())).await;
             }
             ChangesJob::List {
                 request_id,
                 include_text,
                 out,
+                ..
             } => {
-                let changes = changes::diff(&baseline, &current, include_text);
-                out.send(request_id, fit_changes(request_id, changes)).await;
+                let (outside_workspace, outside_truncated) = outside.unwrap_or_default();
+                let list = ChangeList {
+                    changes: changes::diff(&baseline, &current, include_text),
+                    outside_workspace,
+                    outside_truncated,
+                };
+                out.send(request_id, fit_changes(request_id, list)).await;
             }
         }
     }
@@ -188,9 +233,9 @@ async fn changes_worker(
 
 /// The Changes answer, made to fit one frame: texts are dropped, largest
 /// first, while the frame is too large; an Error if even that is not enough.
-fn fit_changes(request_id: u64, changes: Vec<FileChange>) -> Message {
+fn fit_changes(request_id: u64, list: ChangeList) -> Message {
     let mut buf = BytesMut::new();
-    let mut message = Message::Changes(ChangeList { changes });
+    let mut message = Message::Changes(list);
     loop {
         buf.clear();
         match encode_frame(request_id, &message, &mut buf) {
@@ -401,6 +446,7 @@ impl Session {
                 self.changes_job(ChangesJob::List {
                     request_id: id,
                     include_text: request.include_text,
+                    outside_workspace: request.outside_workspace,
                     out: self.out.clone(),
                 })
                 .await
@@ -571,12 +617,19 @@ mod tests {
         }
     }
 
+    fn list(changes: Vec<FileChange>) -> ChangeList {
+        ChangeList {
+            changes,
+            ..ChangeList::default()
+        }
+    }
+
     #[test]
     fn small_change_lists_are_kept_whole() {
         let changes = vec![change("a".into(), Some("text".into()))];
         assert_eq!(
-            fit_changes(1, changes.clone()),
-            Message::Changes(ChangeList { changes })
+            fit_changes(1, list(changes.clone())),
+            Message::Changes(list(changes))
         );
     }
 
@@ -586,7 +639,7 @@ mod tests {
         let changes: Vec<FileChange> = (0..40)
             .map(|i| change(format!("f{i:02}"), Some("x".repeat(60 * 1024))))
             .collect();
-        let Message::Changes(list) = fit_changes(1, changes) else {
+        let Message::Changes(list) = fit_changes(1, list(changes)) else {
             panic!("expected Changes");
         };
         assert_eq!(list.changes.len(), 40);
@@ -606,7 +659,7 @@ mod tests {
         let changes: Vec<FileChange> = (0..20_000)
             .map(|i| change(format!("some/longer/path/file{i:05}"), None))
             .collect();
-        let Message::Error(reply) = fit_changes(1, changes) else {
+        let Message::Error(reply) = fit_changes(1, list(changes)) else {
             panic!("expected Error");
         };
         assert_eq!(reply.kind, ErrorKind::Io);

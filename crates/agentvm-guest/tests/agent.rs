@@ -7,9 +7,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
 use agentvm_runtime::protocol::{
-    encode_frame, ChangeKind, ErrorKind, ExitStatus, FileKind, GetFileRequest, Hello, KillRequest,
-    ListChangesRequest, Message, Ping, PutFileChunk, ResetBaselineRequest, ShutdownRequest,
-    FILE_CHUNK_LEN, HEADER_LEN, MAGIC, PROTOCOL_VERSION,
+    encode_frame, Ack, ChangeKind, ErrorKind, ExitStatus, FileKind, GetFileRequest, Hello,
+    KillRequest, ListChangesRequest, Message, Ping, PutFileChunk, ResetBaselineRequest,
+    ShutdownRequest, FILE_CHUNK_LEN, HEADER_LEN, MAGIC, PROTOCOL_VERSION,
 };
 use bytes::BytesMut;
 use common::{cmd, process_exists, random_bytes, sh, Agent, Client};
@@ -201,7 +201,7 @@ async fn frame_local_errors_are_answered_and_serving_continues() {
     let e = client
         .request_error(
             57,
-            Message::Changes(agentvm_runtime::protocol::ChangeList { changes: vec![] }),
+            Message::Changes(agentvm_runtime::protocol::ChangeList::default()),
         )
         .await;
     assert_eq!(e.kind, ErrorKind::BadRequest);
@@ -239,6 +239,23 @@ async fn exec_exit_codes_and_output() {
     let cpu = out.exit.resources.user_cpu.unwrap() + out.exit.resources.system_cpu.unwrap();
     assert!(cpu > Duration::from_millis(10), "cpu {cpu:?}");
     assert!(out.exit.duration >= cpu / 2);
+}
+
+/// The process count is the kernel's fork counter around the command: on
+/// this (shared) host other processes may add to it, never subtract.
+#[tokio::test]
+async fn exec_counts_the_processes_it_started() {
+    let agent = Agent::start();
+    let (mut client, _) = agent.connect().await;
+    let out = client
+        .exec(1, sh("for i in 1 2 3 4 5 6 7 8 9 10; do /bin/true; done"))
+        .await;
+    assert_eq!(out.exit.status, ExitStatus::Code(0));
+    let started = out.exit.resources.processes_started.expect("counted");
+    assert!(started >= 11, "sh + 10 children, got {started}");
+    // No route is not counted on a host with a network; whether the
+    // counter is readable is all this can check here.
+    assert!(out.exit.resources.unroutable_packets.is_some());
 }
 
 #[tokio::test]
@@ -741,13 +758,67 @@ async fn list(
     match client
         .request(
             id,
-            Message::ListChanges(ListChangesRequest { include_text }),
+            Message::ListChanges(ListChangesRequest {
+                include_text,
+                outside_workspace: false,
+            }),
         )
         .await
     {
         Message::Changes(list) => list.changes,
         other => panic!("expected Changes, got {other:?}"),
     }
+}
+
+#[tokio::test]
+async fn changes_outside_the_workspace_since_the_baseline() {
+    let agent = Agent::start();
+    let root = agent.workspace.parent().unwrap().to_path_buf();
+    std::fs::write(root.join("etc/before"), "x").unwrap();
+    let (mut client, _) = agent.connect().await;
+    // The coarse inode clock ticks every few ms: let the baseline be later.
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    assert_eq!(
+        client
+            .request(2, Message::ResetBaseline(ResetBaselineRequest {}))
+            .await,
+        Message::Ok(Ack {})
+    );
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let script = format!(
+        "echo x > {root}/etc/passwd-like; echo y > inside.txt; echo z > {staging}/task.txt",
+        root = root.display(),
+        staging = agent.staging.display()
+    );
+    assert_eq!(
+        client.exec(3, sh(&script)).await.exit.status,
+        ExitStatus::Code(0)
+    );
+    let ask = |outside_workspace| {
+        Message::ListChanges(ListChangesRequest {
+            include_text: false,
+            outside_workspace,
+        })
+    };
+    let Message::Changes(list) = client.request(4, ask(true)).await else {
+        panic!("expected Changes");
+    };
+    let etc = root.join("etc");
+    assert_eq!(
+        list.outside_workspace,
+        [
+            etc.display().to_string(),
+            etc.join("passwd-like").display().to_string()
+        ],
+        "the workspace and the staging root are not outside changes"
+    );
+    assert!(!list.outside_truncated);
+    assert_eq!(list.changes.len(), 1, "{list:?}");
+    // Not asked for: not listed.
+    let Message::Changes(list) = client.request(5, ask(false)).await else {
+        panic!("expected Changes");
+    };
+    assert!(list.outside_workspace.is_empty());
 }
 
 #[tokio::test]

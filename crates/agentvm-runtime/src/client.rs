@@ -425,9 +425,25 @@ impl GuestClient {
 
     /// Lists workspace changes since the baseline (with small texts when asked).
     pub async fn list_changes(&self, include_text: bool) -> Result<Vec<FileChange>, ClientError> {
-        let request = Message::ListChanges(ListChangesRequest { include_text });
-        match self.request(request).await?.recv().await? {
-            Message::Changes(ChangeList { changes }) => Ok(changes),
+        let list = self
+            .changes(ListChangesRequest {
+                include_text,
+                outside_workspace: false,
+            })
+            .await?;
+        Ok(list.changes)
+    }
+
+    /// The changes since the baseline, as `request` asks for them (also
+    /// those outside the workspace).
+    pub async fn changes(&self, request: ListChangesRequest) -> Result<ChangeList, ClientError> {
+        match self
+            .request(Message::ListChanges(request))
+            .await?
+            .recv()
+            .await?
+        {
+            Message::Changes(list) => Ok(list),
             other => Err(unexpected("ListChanges", &other)),
         }
     }

@@ -53,9 +53,13 @@
 //! # (default: `<artifacts_dir>/audit.jsonl`); appended to.
 //! audit_log = "target/agentvm/audit.jsonl"
 //! # Anomaly kinds that fail the test they are found in (default: none):
-//! # "timeout", "output_cap", "memory_limit", "duration_zscore",
+//! # "timeout", "output_cap", "memory_limit", "process_count",
+//! # "outside_workspace", "network_attempt", "duration_zscore",
 //! # "cpu_zscore", "memory_zscore".
 //! fail_on = ["timeout"]
+//! # Most processes one agent run may have alive at once before it is a
+//! # `process_count` anomaly.
+//! process_limit = 100
 //! # Start VMs from the golden snapshot an earlier VM of the same
 //! # configuration saved (`<runtime dir>/golden/`), instead of booting:
 //! # a few hundred ms instead of seconds (QEMU backend; default true).
@@ -90,6 +94,7 @@
 //! | `AGENT_VM_METRICS_PORT` | `metrics_port` |
 //! | `AGENT_VM_AUDIT_LOG` | `audit_log` (relative: to the current directory) |
 //! | `AGENT_VM_FAIL_ON` | `fail_on` (comma-separated) |
+//! | `AGENT_VM_PROCESS_LIMIT` | `process_limit` |
 //! | `AGENT_VM_GOLDEN_CACHE` | `golden_cache` (`true`/`false`, `1`/`0`, `on`/`off`) |
 //! | `LIBVIRT_DEFAULT_URI` | `libvirt_uri` |
 //!
@@ -133,14 +138,22 @@ pub const ENV_VARS: &[&str] = &[
     "AGENT_VM_AUDIT_LOG",
     "AGENT_VM_FAIL_ON",
     "AGENT_VM_GOLDEN_CACHE",
+    "AGENT_VM_PROCESS_LIMIT",
     "LIBVIRT_DEFAULT_URI",
 ];
+
+/// Default of [`AgentVmConfig::process_limit`]: far above what a script or
+/// a parallel build has alive at once, far below a fork bomb.
+pub const DEFAULT_PROCESS_LIMIT: u64 = 100;
 
 /// The anomaly kinds the harness finds (and `fail_on` accepts).
 pub const ANOMALY_KINDS: &[&str] = &[
     "timeout",
     "output_cap",
     "memory_limit",
+    "process_count",
+    "outside_workspace",
+    "network_attempt",
     "duration_zscore",
     "cpu_zscore",
     "memory_zscore",
@@ -251,6 +264,9 @@ pub struct AgentVmConfig {
     pub audit_log: Option<PathBuf>,
     /// Anomaly kinds that fail the test they are found in.
     pub fail_on: Vec<String>,
+    /// Most processes one agent run may have alive at once before it is a
+    /// `process_count` anomaly.
+    pub process_limit: u64,
     /// Start VMs from a golden snapshot an earlier VM of the same
     /// configuration saved, instead of booting (QEMU backend).
     pub golden_cache: bool,
@@ -287,6 +303,7 @@ struct RawFile {
     audit_log: Option<String>,
     fail_on: Option<Vec<String>>,
     golden_cache: Option<bool>,
+    process_limit: Option<i64>,
     pool: Option<RawPool>,
 }
 
@@ -336,6 +353,7 @@ impl AgentVmConfig {
             audit_log: None,
             fail_on: Vec::new(),
             golden_cache: true,
+            process_limit: DEFAULT_PROCESS_LIMIT,
             libvirt_uri: None,
             workspace_root: workspace_root.to_path_buf(),
             config_file: None,
@@ -451,6 +469,10 @@ impl AgentVmConfig {
         }
         if let Some(v) = raw.golden_cache {
             self.golden_cache = v;
+        }
+        if let Some(v) = raw.process_limit {
+            self.process_limit =
+                set.parse("process_limit", &v.to_string(), parse_positive, POSITIVE)? as u64;
         }
         if let Some(pool) = raw.pool {
             if let Some(v) = pool.min_size {
@@ -594,6 +616,13 @@ impl AgentVmConfig {
             |s| parse_dir(s, cwd),
             "a file path",
             |v| self.audit_log = Some(v)
+        );
+        apply!(
+            "AGENT_VM_PROCESS_LIMIT",
+            "process_limit",
+            parse_positive,
+            POSITIVE,
+            |v| self.process_limit = v as u64
         );
         apply!(
             "AGENT_VM_GOLDEN_CACHE",
@@ -786,7 +815,7 @@ fn parse_dir(s: &str, base: &Path) -> Option<PathBuf> {
     (!s.is_empty()).then(|| base.join(s))
 }
 
-const ANOMALY_KIND_LIST: &str = "anomaly kinds from \"timeout\", \"output_cap\", \"memory_limit\", \"duration_zscore\", \"cpu_zscore\", \"memory_zscore\" (comma-separated)";
+const ANOMALY_KIND_LIST: &str = "anomaly kinds from \"timeout\", \"output_cap\", \"memory_limit\", \"process_count\", \"outside_workspace\", \"network_attempt\", \"duration_zscore\", \"cpu_zscore\", \"memory_zscore\" (comma-separated)";
 
 /// A comma-separated list of anomaly kinds (empty entries ignored).
 fn parse_kinds(s: &str) -> Option<Vec<String>> {
@@ -1118,6 +1147,33 @@ max_uses = 10
         assert!(e.contains("invalid type"), "{e}");
         let e = load(Some("image = "), &[]).unwrap_err().to_string();
         assert!(e.contains("invalid configuration file"), "{e}");
+    }
+
+    #[test]
+    fn process_limit() {
+        assert_eq!(
+            load(None, &[]).unwrap().process_limit,
+            DEFAULT_PROCESS_LIMIT
+        );
+        assert_eq!(
+            load(Some("process_limit = 64\n"), &[])
+                .unwrap()
+                .process_limit,
+            64
+        );
+        let c = load(
+            Some("process_limit = 64\n"),
+            &[("AGENT_VM_PROCESS_LIMIT", "9")],
+        )
+        .unwrap();
+        assert_eq!(c.process_limit, 9);
+        let e = load(Some("process_limit = 0\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("process_limit") && e.contains("1 or more"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -183,6 +183,14 @@ pub struct Execution {
     pub peak_rss_bytes: Option<u64>,
     /// User + system CPU, seconds.
     pub cpu_seconds: Option<f64>,
+    /// Processes the guest started while it ran.
+    pub processes_started: Option<u64>,
+    /// Most processes of its tree alive at once.
+    pub peak_processes: Option<u64>,
+    /// Packets the guest could not route while it ran.
+    pub unroutable_packets: Option<u64>,
+    /// Paths outside the workspace it changed (`None`: not listed).
+    pub outside_workspace_paths: Option<usize>,
 }
 
 impl Execution {
@@ -448,6 +456,10 @@ mod tests {
                 output_truncated: false,
                 peak_rss_bytes: None,
                 cpu_seconds: None,
+                processes_started: Some(3),
+                peak_processes: None,
+                unroutable_packets: Some(0),
+                outside_workspace_paths: Some(0),
             }),
         );
         let value: serde_json::Value = serde_json::from_str(&exec).unwrap();

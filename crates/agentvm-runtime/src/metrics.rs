@@ -428,6 +428,10 @@ mod tests {
             output_truncated: false,
             peak_rss_bytes: None,
             cpu_seconds: None,
+            processes_started: Some(3),
+            peak_processes: None,
+            unroutable_packets: Some(0),
+            outside_workspace_paths: Some(0),
         };
         m.handle(at, &Event::Execution(exec));
         let text = m.encode();

@@ -10,7 +10,7 @@ use crate::backend::{Backend, BackendError, Machine, RestoredMachine, RevertOutc
 use crate::client::{ClientError, ExecOutput, ExecStream, GuestClient, ResyncStats};
 use crate::command::Command;
 use crate::events::{emit, Event, ProcessUsage};
-use crate::protocol::{FileChange, Hello};
+use crate::protocol::{ChangeList, FileChange, Hello, ListChangesRequest};
 use crate::spec::VmSpec;
 
 /// Lines of serial console put into crash and boot errors.
@@ -419,6 +419,13 @@ impl Vm {
         include_text: bool,
     ) -> Result<Vec<FileChange>, VmError> {
         let result = self.client.list_changes(include_text).await;
+        self.guest_result(result).await
+    }
+
+    /// The changes since the baseline as `request` asks for them: the
+    /// workspace's, and those outside it.
+    pub async fn changes(&mut self, request: ListChangesRequest) -> Result<ChangeList, VmError> {
+        let result = self.client.changes(request).await;
         self.guest_result(result).await
     }
 

@@ -114,7 +114,10 @@ fn message() -> impl Strategy<Value = Message> {
                     resources: ResourceUsage {
                         peak_rss_bytes: rss,
                         user_cpu: Some(d),
-                        system_cpu: None
+                        system_cpu: None,
+                        processes_started: rss,
+                        peak_processes: Some(bytes / 3),
+                        unroutable_packets: Some(bytes),
                     },
                     stdout_bytes: bytes,
                     stderr_bytes: bytes / 2,
@@ -155,8 +158,12 @@ fn message() -> impl Strategy<Value = Message> {
                     last
                 }
             )),
-        any::<bool>()
-            .prop_map(|include_text| Message::ListChanges(ListChangesRequest { include_text })),
+        (any::<bool>(), any::<bool>()).prop_map(|(include_text, outside_workspace)| {
+            Message::ListChanges(ListChangesRequest {
+                include_text,
+                outside_workspace,
+            })
+        }),
         proptest::collection::vec(
             (
                 text(),
@@ -179,6 +186,8 @@ fn message() -> impl Strategy<Value = Message> {
                     after,
                 })
                 .collect(),
+            outside_workspace: vec!["/etc/x".into()],
+            outside_truncated: false,
         })),
         Just(Message::ResetBaseline(ResetBaselineRequest {})),
         (any::<u64>(), proptest::option::of(any::<i32>()))

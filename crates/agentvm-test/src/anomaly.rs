@@ -2,15 +2,16 @@
 //!
 //! * Rules, per agent run: `timeout` (killed at its timeout), `output_cap`
 //!   (stdout or stderr hit its limit), `memory_limit` (peak RSS of the
-//!   largest process at least 80 % of the VM's memory).
+//!   largest process at least 80 % of the VM's memory), `process_count`
+//!   (more processes alive at once than `process_limit`), `outside_workspace`
+//!   (files changed outside `/workspace`), `network_attempt` (packets the
+//!   guest could not route, in a VM with `network = "isolated"`: it has no
+//!   NIC, so those are attempts to reach the network).
 //! * Statistics, per test: the test's duration, the CPU time and the peak
 //!   RSS of its agent runs against a rolling [`Baseline`] of its last
 //!   [`BASELINE_RUNS`] runs (`<artifacts_dir>/baseline.json`): a z-score
 //!   beyond ±[`Z_THRESHOLD`] with at least [`MIN_SAMPLES`] earlier samples is
 //!   `duration_zscore`, `cpu_zscore` or `memory_zscore`.
-//!
-//! Not detected (the guest does not report them yet): writes outside the
-//! workspace and the number of processes.
 //!
 //! Findings go to the audit log, `anomalies.json` in the test's artifacts
 //! and the run report; `fail_on` (`AGENT_VM_FAIL_ON`) lists the kinds that
@@ -55,13 +56,21 @@ impl Anomaly {
     }
 }
 
+/// What the rules compare an agent run with.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RuleLimits {
+    /// The VM's memory, bytes.
+    pub memory_limit_bytes: Option<u64>,
+    /// Most processes an agent run may have at once (`process_limit`).
+    pub process_limit: Option<u64>,
+    /// The VM has no network (`network = "isolated"`).
+    pub network_isolated: bool,
+}
+
 /// The rule findings of one agent run (`index`: its number in the test,
-/// from 1). `memory_limit_bytes`: the VM's memory.
-pub fn rule_anomalies(
-    run: &AgentRun,
-    index: usize,
-    memory_limit_bytes: Option<u64>,
-) -> Vec<Anomaly> {
+/// from 1).
+pub fn rule_anomalies(run: &AgentRun, index: usize, limits: &RuleLimits) -> Vec<Anomaly> {
+    let memory_limit_bytes = limits.memory_limit_bytes;
     let mut out = Vec::new();
     if run.timed_out() {
         out.push(Anomaly::new(
@@ -91,6 +100,52 @@ pub fn rule_anomalies(
                     peak >> 20,
                     peak as f64 / limit as f64 * 100.0,
                     limit >> 20
+                ),
+            ));
+        }
+    }
+    if let (Some(peak), Some(limit)) = (run.resources().peak_processes, limits.process_limit) {
+        if peak > limit {
+            let started = run
+                .resources()
+                .processes_started
+                .map_or("?".to_string(), |n| n.to_string());
+            out.push(Anomaly::new(
+                "process_count",
+                format!(
+                    "agent run {index} had {peak} processes at once, more than the limit of {limit} \
+                     (process_limit); {started} started in all"
+                ),
+            ));
+        }
+    }
+    let outside = run.outside_workspace();
+    if !outside.is_empty() {
+        const SHOWN: usize = 5;
+        let mut list = outside[..outside.len().min(SHOWN)].join(", ");
+        if outside.len() > SHOWN || run.outside_workspace_truncated() {
+            list.push_str(", ...");
+        }
+        out.push(Anomaly::new(
+            "outside_workspace",
+            format!(
+                "agent run {index} changed {}{} path(s) outside the workspace: {list}",
+                outside.len(),
+                if run.outside_workspace_truncated() {
+                    "+"
+                } else {
+                    ""
+                }
+            ),
+        ));
+    }
+    if let Some(packets) = run.resources().unroutable_packets.filter(|&n| n > 0) {
+        if limits.network_isolated {
+            out.push(Anomaly::new(
+                "network_attempt",
+                format!(
+                    "agent run {index} tried to reach the network from an isolated VM \
+                     ({packets} packet(s) without a route)"
                 ),
             ));
         }
@@ -248,7 +303,25 @@ mod tests {
     use std::time::Duration;
 
     fn run(timed_out: bool, truncated: bool, rss: Option<u64>, cpu_ms: u64) -> AgentRun {
-        AgentRun::from_exec(
+        run_with(
+            timed_out,
+            truncated,
+            rss,
+            cpu_ms,
+            ResourceUsage::default(),
+            Vec::new(),
+        )
+    }
+
+    fn run_with(
+        timed_out: bool,
+        truncated: bool,
+        rss: Option<u64>,
+        cpu_ms: u64,
+        extra: ResourceUsage,
+        outside: Vec<String>,
+    ) -> AgentRun {
+        AgentRun::from_changes(
             ExecOutput {
                 stdout: b"x".to_vec(),
                 stderr: Vec::new(),
@@ -264,6 +337,7 @@ mod tests {
                         peak_rss_bytes: rss,
                         user_cpu: Some(Duration::from_millis(cpu_ms)),
                         system_cpu: None,
+                        ..extra
                     },
                     stdout_bytes: 1 << 20,
                     stderr_bytes: 0,
@@ -271,9 +345,20 @@ mod tests {
                     stderr_truncated: false,
                 },
             },
-            Vec::new(),
+            agentvm_runtime::protocol::ChangeList {
+                outside_workspace: outside,
+                ..Default::default()
+            },
             &crate::redact::Secrets::new(),
         )
+    }
+
+    fn limits(memory: Option<u64>) -> RuleLimits {
+        RuleLimits {
+            memory_limit_bytes: memory,
+            process_limit: Some(100),
+            network_isolated: true,
+        }
     }
 
     fn kinds(anomalies: &[Anomaly]) -> Vec<&str> {
@@ -282,15 +367,63 @@ mod tests {
 
     #[test]
     fn rules() {
-        assert!(
-            rule_anomalies(&run(false, false, Some(1 << 20), 1), 1, Some(256 << 20)).is_empty()
+        let quiet = ResourceUsage {
+            processes_started: Some(1000),
+            peak_processes: Some(100),
+            unroutable_packets: Some(0),
+            ..ResourceUsage::default()
+        };
+        let calm = run_with(false, false, Some(1 << 20), 1, quiet, Vec::new());
+        assert!(rule_anomalies(&calm, 1, &limits(Some(256 << 20))).is_empty());
+        let found = rule_anomalies(
+            &run(true, true, Some(230 << 20), 1),
+            2,
+            &limits(Some(256 << 20)),
         );
-        let found = rule_anomalies(&run(true, true, Some(230 << 20), 1), 2, Some(256 << 20));
         assert_eq!(kinds(&found), ["timeout", "output_cap", "memory_limit"]);
         assert!(found[0].message.contains("agent run 2"), "{found:?}");
         assert!(found[2].message.contains("230 MiB"), "{found:?}");
         // Unknown limit or RSS: no memory rule.
-        assert!(rule_anomalies(&run(false, false, Some(230 << 20), 1), 1, None).is_empty());
+        let found = rule_anomalies(&run(false, false, Some(230 << 20), 1), 1, &limits(None));
+        assert!(found.is_empty());
+    }
+
+    #[test]
+    fn process_outside_and_network_rules() {
+        let busy = ResourceUsage {
+            processes_started: Some(340),
+            peak_processes: Some(101),
+            unroutable_packets: Some(3),
+            ..ResourceUsage::default()
+        };
+        let outside: Vec<String> = (0..7).map(|i| format!("/etc/f{i}")).collect();
+        let r = run_with(false, false, None, 1, busy, outside);
+        let found = rule_anomalies(&r, 1, &limits(None));
+        assert_eq!(
+            kinds(&found),
+            ["process_count", "outside_workspace", "network_attempt"]
+        );
+        assert!(
+            found[0].message.contains(
+                "had 101 processes at once, more than the limit of 100 (process_limit); 340 started in all"
+            ),
+            "{found:?}"
+        );
+        assert!(
+            found[1]
+                .message
+                .contains("changed 7 path(s) outside the workspace: /etc/f0, /etc/f1, /etc/f2, /etc/f3, /etc/f4, ..."),
+            "{found:?}"
+        );
+        assert!(found[2].message.contains("3 packet(s)"), "{found:?}");
+        // With a network, packets without a route are not attempts to escape;
+        // without a limit, no count is too many.
+        let open = RuleLimits {
+            network_isolated: false,
+            process_limit: None,
+            ..limits(None)
+        };
+        assert_eq!(kinds(&rule_anomalies(&r, 1, &open)), ["outside_workspace"]);
     }
 
     #[test]

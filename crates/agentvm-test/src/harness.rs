@@ -57,7 +57,7 @@ use agentvm_runtime::spec::{ImagePaths, NetworkMode, ResourceProfile};
 use futures::FutureExt;
 use libtest_mimic::{Arguments, Completion, Failed, Trial};
 
-use crate::anomaly::{self, Anomaly, Baseline, Sample};
+use crate::anomaly::{self, Anomaly, Baseline, RuleLimits, Sample};
 use crate::audit::AuditLog;
 use crate::context::{self, SharedContext, TestContext};
 use crate::redact::Secrets;
@@ -313,8 +313,8 @@ struct VmOutcome {
     acquire: Option<Duration>,
     revert: Option<Duration>,
     release: Option<String>,
-    /// The VM's memory.
-    memory_limit_bytes: Option<u64>,
+    /// What the anomaly rules compare the test's agent runs with.
+    limits: RuleLimits,
 }
 
 impl VmOutcome {
@@ -327,7 +327,7 @@ impl VmOutcome {
             acquire: None,
             revert: None,
             release: None,
-            memory_limit_bytes: None,
+            limits: RuleLimits::default(),
         }
     }
 }
@@ -454,11 +454,7 @@ impl Harness {
     fn anomalies(&self, name: &str, outcome: &VmOutcome, runs: &[AgentRun]) -> Vec<Anomaly> {
         let mut found = Vec::new();
         for (i, run) in runs.iter().enumerate() {
-            found.extend(anomaly::rule_anomalies(
-                run,
-                i + 1,
-                outcome.memory_limit_bytes,
-            ));
+            found.extend(anomaly::rule_anomalies(run, i + 1, &outcome.limits));
         }
         if outcome.vm.is_some() {
             let sample = Sample::of(outcome.duration.as_secs_f64(), runs);
@@ -670,7 +666,11 @@ impl Harness {
             acquire: Some(acquire),
             revert: revert_time,
             release: Some(revert),
-            memory_limit_bytes: Some(u64::from(shape.profile.memory_mib()) << 20),
+            limits: RuleLimits {
+                memory_limit_bytes: Some(u64::from(shape.profile.memory_mib()) << 20),
+                process_limit: Some(config.process_limit),
+                network_isolated: shape.network == NetworkMode::Isolated,
+            },
         }
     }
 

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use agentvm_runtime::client::ExecOutput;
 use agentvm_runtime::protocol::{
-    ChangeKind, ExitStatus, FileChange, FileKind, FileState, ResourceUsage,
+    ChangeKind, ChangeList, ExitStatus, FileChange, FileKind, FileState, ResourceUsage,
 };
 use serde::{Serialize, Serializer};
 
@@ -37,11 +37,17 @@ pub const MAX_DIFF_TEXT: usize = 64 * 1024;
 ///     mode: "0644"
 ///     sha256: 98ea6e4f216f2fb4b69fff9b3a44842c38686ca685f3f55dc48c5d3fb1107be4
 ///     diff: "@@ -0,0 +1 @@\n+hi\n"
+/// outside_workspace:  # only when something outside /workspace changed
+///   - /etc
+///   - /etc/agentvm-was-here
 /// duration: 0.012s
 /// resources:
 ///   peak_rss_bytes: 2097152
 ///   user_cpu: 0.001s
 ///   system_cpu: 0.002s
+///   processes_started: 3
+///   peak_processes: ~
+///   unroutable_packets: 0
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct AgentRun {
@@ -53,6 +59,12 @@ pub struct AgentRun {
     stderr: String,
     stderr_truncated: bool,
     changes: Vec<Change>,
+    /// Paths outside the workspace that changed (see
+    /// [`AgentRun::outside_workspace`]).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    outside_workspace: Vec<String>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    outside_workspace_truncated: bool,
     #[serde(serialize_with = "ser_duration")]
     duration: Duration,
     resources: Resources,
@@ -151,6 +163,15 @@ pub struct Resources {
     /// Kernel-mode CPU time.
     #[serde(serialize_with = "ser_opt_duration")]
     pub system_cpu: Option<Duration>,
+    /// Processes (and threads) the guest created while the agent ran
+    /// (guest-wide fork counter).
+    pub processes_started: Option<u64>,
+    /// Most processes of the agent's tree alive at once (sampled every
+    /// 500 ms; `None` for a run shorter than that).
+    pub peak_processes: Option<u64>,
+    /// Packets the guest could not route while the agent ran: attempts to
+    /// reach the network from a VM without one.
+    pub unroutable_packets: Option<u64>,
 }
 
 impl From<ResourceUsage> for Resources {
@@ -159,6 +180,9 @@ impl From<ResourceUsage> for Resources {
             peak_rss_bytes: r.peak_rss_bytes,
             user_cpu: r.user_cpu,
             system_cpu: r.system_cpu,
+            processes_started: r.processes_started,
+            peak_processes: r.peak_processes,
+            unroutable_packets: r.unroutable_packets,
         }
     }
 }
@@ -272,6 +296,24 @@ impl AgentRun {
     /// changes listed after it, redacting `secrets` everywhere. Output is
     /// decoded as lossy UTF-8.
     pub fn from_exec(output: ExecOutput, changes: Vec<FileChange>, secrets: &Secrets) -> Self {
+        Self::from_changes(
+            output,
+            ChangeList {
+                changes,
+                ..ChangeList::default()
+            },
+            secrets,
+        )
+    }
+
+    /// Like [`AgentRun::from_exec`], with the whole change list (also the
+    /// paths outside the workspace).
+    pub fn from_changes(output: ExecOutput, list: ChangeList, secrets: &Secrets) -> Self {
+        let ChangeList {
+            changes,
+            outside_workspace,
+            outside_truncated,
+        } = list;
         let report = output.report;
         let text = |bytes: &[u8], truncated: bool| {
             let lossy = String::from_utf8_lossy(bytes);
@@ -299,11 +341,31 @@ impl AgentRun {
             stderr: text(&output.stderr, report.stderr_truncated),
             stderr_truncated: report.stderr_truncated,
             changes,
+            outside_workspace: outside_workspace
+                .iter()
+                .map(|p| secrets.redact(p).into_owned())
+                .collect(),
+            outside_workspace_truncated: outside_truncated,
             duration: report.duration,
             resources: report.resources.into(),
             stdout_bytes: report.stdout_bytes.max(output.stdout.len() as u64),
             stderr_bytes: report.stderr_bytes.max(output.stderr.len() as u64),
         }
+    }
+
+    /// Absolute paths outside `/workspace` (and the agent's staging
+    /// directory) whose inode changed while the agent ran: files written or
+    /// created there, and the directories entries were created in or
+    /// deleted from. Sorted; at most 100
+    /// ([`AgentRun::outside_workspace_truncated`] says when there were more).
+    pub fn outside_workspace(&self) -> &[String] {
+        &self.outside_workspace
+    }
+
+    /// More paths outside the workspace changed than
+    /// [`AgentRun::outside_workspace`] lists.
+    pub fn outside_workspace_truncated(&self) -> bool {
+        self.outside_workspace_truncated
     }
 
     /// The exit code, when the agent exited (not killed by a signal).
@@ -470,6 +532,7 @@ mod tests {
                     peak_rss_bytes: Some(4096),
                     user_cpu: Some(Duration::from_millis(10)),
                     system_cpu: None,
+                    ..ResourceUsage::default()
                 },
                 stdout_bytes: 100,
                 stderr_bytes: 13,
@@ -601,9 +664,42 @@ mod tests {
                  "diff": "@@ -1,3 +1,4 @@\n one\n-two\n+2\n three\n+[secret:TOKEN]\n"},
             ],
             "duration": "1.234s",
-            "resources": {"peak_rss_bytes": 4096, "user_cpu": "0.010s", "system_cpu": null},
+            "resources": {"peak_rss_bytes": 4096, "user_cpu": "0.010s", "system_cpu": null,
+                          "processes_started": null, "peak_processes": null, "unroutable_packets": null},
         });
         assert_eq!(yaml, expected);
+    }
+
+    #[test]
+    fn outside_workspace_paths_are_kept_redacted_and_shown_only_when_there() {
+        let list = |outside: Vec<String>, truncated| ChangeList {
+            changes: Vec::new(),
+            outside_workspace: outside,
+            outside_truncated: truncated,
+        };
+        let run = AgentRun::from_changes(
+            output(b"", ExitStatus::Code(0), false),
+            list(vec!["/etc".into(), "/tmp/s3cr3t".into()], true),
+            &secrets(),
+        );
+        assert_eq!(run.outside_workspace(), ["/etc", "/tmp/[secret:TOKEN]"]);
+        assert!(run.outside_workspace_truncated());
+        let json = serde_json::to_value(&run).unwrap();
+        assert_eq!(
+            json["outside_workspace"],
+            serde_json::json!(["/etc", "/tmp/[secret:TOKEN]"])
+        );
+        assert_eq!(json["outside_workspace_truncated"], true);
+        let quiet = AgentRun::from_changes(
+            output(b"", ExitStatus::Code(0), false),
+            list(Vec::new(), false),
+            &secrets(),
+        );
+        let json = serde_json::to_value(&quiet).unwrap();
+        assert!(
+            json.get("outside_workspace").is_none()
+                && json.get("outside_workspace_truncated").is_none()
+        );
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use agentvm_runtime::client::ExecOutput;
 use agentvm_runtime::command::Command;
-use agentvm_runtime::protocol::{ExitReport, ExitStatus};
+use agentvm_runtime::protocol::{ExitReport, ExitStatus, ListChangesRequest};
 use agentvm_runtime::vm::{Vm, VmError};
 
 use crate::agent::{
@@ -290,13 +290,17 @@ async fn run_agent(vm: &mut Vm, agent: &Agent, task: &Task) -> Result<AgentRun, 
         .as_ref()
         .map(|c| c.lock().unwrap_or_else(|e| e.into_inner()).test.clone())
         .unwrap_or_default();
-    emit_execution(test, vm.id(), argv, &output.report);
-    // 4. Changes.
+    // 4. Changes, in the workspace and outside it.
     let changes = vm
-        .workspace_changes(true)
+        .changes(ListChangesRequest {
+            include_text: true,
+            outside_workspace: true,
+        })
         .await
-        .map_err(AgentError::vm("listing the workspace changes"))?;
-    let run = AgentRun::from_exec(output, changes, &secrets);
+        .map_err(AgentError::vm("listing the workspace changes"));
+    let outside = changes.as_ref().ok().map(|c| c.outside_workspace.len());
+    emit_execution(test, vm.id(), argv, &output.report, outside);
+    let run = AgentRun::from_changes(output, changes?, &secrets);
     if let Some(context) = &context {
         context
             .lock()
@@ -308,7 +312,13 @@ async fn run_agent(vm: &mut Vm, agent: &Agent, task: &Task) -> Result<AgentRun, 
 }
 
 /// Emits the [`Event::Execution`](agentvm_runtime::events::Event::Execution) of a run.
-fn emit_execution(test: String, vm: &str, argv: Vec<String>, report: &ExitReport) {
+fn emit_execution(
+    test: String,
+    vm: &str,
+    argv: Vec<String>,
+    report: &ExitReport,
+    outside_workspace_paths: Option<usize>,
+) {
     let resources = &report.resources;
     let cpu = match (resources.user_cpu, resources.system_cpu) {
         (None, None) => None,
@@ -339,6 +349,10 @@ fn emit_execution(test: String, vm: &str, argv: Vec<String>, report: &ExitReport
             output_truncated: report.stdout_truncated || report.stderr_truncated,
             peak_rss_bytes: resources.peak_rss_bytes,
             cpu_seconds: cpu,
+            processes_started: resources.processes_started,
+            peak_processes: resources.peak_processes,
+            unroutable_packets: resources.unroutable_packets,
+            outside_workspace_paths,
         },
     ));
 }

@@ -209,6 +209,7 @@ mod fixture {
                         peak_rss_bytes: Some(1 << 20),
                         user_cpu: Some(Duration::from_millis(5)),
                         system_cpu: Some(Duration::from_millis(7)),
+                        ..ResourceUsage::default()
                     },
                     stdout_bytes: 40,
                     stderr_bytes: 25,

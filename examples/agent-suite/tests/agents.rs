@@ -1,7 +1,7 @@
 //! The fake agents of `examples/agents/` run in VMs: well-behaved ones whose
 //! runs are snapshotted, and misbehaving ones (endless loop, `rm -rf /*`,
-//! fork bomb, output flood, writes outside the workspace) that the VM and
-//! the harness must contain.
+//! fork bomb, output flood, writes outside the workspace, network attempts)
+//! that the VM and the harness must contain and report.
 //!
 //! The tests that damage the guest revert the VM themselves (`vm.revert()`)
 //! and check, on the same VM, that the damage is gone. Besides,
@@ -11,7 +11,7 @@
 
 use std::time::Duration;
 
-use agentvm_test::anomaly;
+use agentvm_test::anomaly::{self, RuleLimits};
 use agentvm_test::prelude::*;
 
 const HELLO: &str = "examples/agents/hello.sh";
@@ -21,6 +21,23 @@ const DESTROYER: &str = "examples/agents/destroyer.sh";
 const FORKBOMB: &str = "examples/agents/forkbomb.sh";
 const FLOOD: &str = "examples/agents/flood.sh";
 const ESCAPE: &str = "examples/agents/escape.sh";
+const PHONE_HOME: &str = "examples/agents/phone-home.sh";
+
+/// The limits the harness applies to the suite's (isolated, 256 MiB) VMs.
+fn limits() -> RuleLimits {
+    RuleLimits {
+        memory_limit_bytes: Some(256 << 20),
+        process_limit: Some(agentvm_test::agentvm_runtime::config::DEFAULT_PROCESS_LIMIT),
+        network_isolated: true,
+    }
+}
+
+fn kinds(run: &AgentRun) -> Vec<String> {
+    anomaly::rule_anomalies(run, 1, &limits())
+        .into_iter()
+        .map(|a| a.kind)
+        .collect()
+}
 const REPO: &str = "tests/fixtures/repo";
 
 /// The checks every clean guest passes: busybox is there, nothing of
@@ -174,9 +191,7 @@ async fn spinning_agent_is_audited_as_an_anomaly(vm: &mut Vm) -> TestResult {
         .timeout(Duration::from_secs(2));
     let run = vm.run_agent(&agent, Task::prompt("spin")).await?;
     assert!(run.timed_out(), "{run:#?}");
-    let found = anomaly::rule_anomalies(&run, 1, Some(256 << 20));
-    assert_eq!(found.len(), 1, "{found:?}");
-    assert_eq!(found[0].kind, "timeout");
+    assert_eq!(kinds(&run), ["timeout"]);
     let config = agentvm_test::agentvm_runtime::config::AgentVmConfig::load()?;
     let audit = std::fs::read_to_string(config.audit_log_path())?;
     assert!(!audit.contains(TOKEN), "secret in the audit log");
@@ -217,7 +232,15 @@ async fn flood_is_capped(vm: &mut Vm) -> TestResult {
 async fn forkbomb_is_contained(vm: &mut Vm) -> TestResult {
     let agent = Agent::script(FORKBOMB).timeout(Duration::from_secs(5));
     match vm.run_agent(&agent, Task::prompt("fork")).await {
-        Ok(run) => assert!(run.timed_out(), "{run:#?}"),
+        Ok(run) => {
+            assert!(run.timed_out(), "{run:#?}");
+            let r = run.resources();
+            eprintln!(
+                "fork bomb: {:?} processes at once, {:?} started",
+                r.peak_processes, r.processes_started
+            );
+            assert_eq!(kinds(&run), ["timeout", "process_count"], "{run:#?}");
+        }
         // A guest too busy to answer is acceptable; the revert below is not optional.
         Err(e) => eprintln!("fork bomb run ended with a VM error: {e}"),
     }
@@ -250,8 +273,14 @@ async fn escape_outside_the_workspace_is_undone(vm: &mut Vm) -> TestResult {
         .run_agent(&Agent::script(ESCAPE), Task::prompt("escape"))
         .await?;
     assert!(run.success(), "{run:#?}");
-    // Outside the workspace: not a workspace change, but real in the guest.
+    // Outside the workspace: not a workspace change, but real in the guest,
+    // and reported.
     assert!(run.changes().is_empty(), "{run:#?}");
+    assert_eq!(
+        run.outside_workspace(),
+        ["/etc", "/etc/agentvm-was-here", "/tmp", "/tmp/x"]
+    );
+    assert_eq!(kinds(&run), ["outside_workspace"]);
     assert!(vm
         .sh("test -e /etc/agentvm-was-here && test -e /tmp/x")
         .await?
@@ -259,6 +288,24 @@ async fn escape_outside_the_workspace_is_undone(vm: &mut Vm) -> TestResult {
     assert_agent_snapshot!(run);
     vm.revert().await?;
     assert_clean_guest(vm).await
+}
+
+#[agent_vm_test(timeout = "60s")]
+async fn network_attempt_from_an_isolated_vm_is_reported(vm: &mut Vm) -> TestResult {
+    let run = vm
+        .run_agent(&Agent::script(PHONE_HOME), Task::prompt("phone home"))
+        .await?;
+    assert!(run.success(), "{run:#?}");
+    assert!(run.stdout().contains("no network"), "{run:#?}");
+    assert!(run.resources().unroutable_packets >= Some(1), "{run:#?}");
+    assert_eq!(kinds(&run), ["network_attempt"]);
+    // A well-behaved agent tries nothing of the kind.
+    let run = vm
+        .run_agent(&Agent::script(HELLO), Task::prompt("say hi"))
+        .await?;
+    assert_eq!(run.resources().unroutable_packets, Some(0), "{run:#?}");
+    assert!(kinds(&run).is_empty(), "{run:#?}");
+    Ok(())
 }
 
 #[agent_vm_test(timeout = "60s")]

@@ -41,10 +41,14 @@ impl Agent {
     /// Starts an agent after `prepare` has filled the workspace.
     pub fn start_with(prepare: impl FnOnce(&Path)) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let workspace = dir.path().join("workspace");
-        let staging = dir.path().join("staging");
-        std::fs::create_dir(&workspace).unwrap();
-        std::fs::create_dir(&staging).unwrap();
+        // A small "system" tree for the changes outside the workspace; the
+        // socket and the log live beside it.
+        let root = dir.path().join("root");
+        let workspace = root.join("workspace");
+        let staging = root.join("opt/agentvm");
+        std::fs::create_dir_all(&workspace).unwrap();
+        std::fs::create_dir_all(&staging).unwrap();
+        std::fs::create_dir_all(root.join("etc")).unwrap();
         let workspace = workspace.canonicalize().unwrap();
         let staging = staging.canonicalize().unwrap();
         prepare(&workspace);
@@ -55,6 +59,8 @@ impl Agent {
             .arg(&workspace)
             .arg("--staging")
             .arg(&staging)
+            .arg("--system-root")
+            .arg(&root)
             .arg("--listen")
             .arg(&socket)
             .stdin(Stdio::null())

@@ -239,9 +239,7 @@ async fn fake_guest(stream: DuplexStream) {
                 }));
                 out
             }
-            Message::ListChanges(_) => vec![Message::Changes(ChangeList {
-                changes: Vec::new(),
-            })],
+            Message::ListChanges(_) => vec![Message::Changes(ChangeList::default())],
             _ => vec![Message::Ok(Ack {})],
         };
         for reply in replies {

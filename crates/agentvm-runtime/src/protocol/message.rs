@@ -189,6 +189,18 @@ pub struct ResourceUsage {
     pub user_cpu: Option<Duration>,
     /// CPU time spent in the kernel by the tree.
     pub system_cpu: Option<Duration>,
+    /// Processes (and threads) created in the guest while the command ran:
+    /// the kernel's fork counter (`processes` in `/proc/stat`), guest-wide,
+    /// so it includes the guest agent's own few threads.
+    pub processes_started: Option<u64>,
+    /// Most processes of the command's tree alive at once, from the
+    /// guest's scans of the tree (every 500 ms while it runs; `None` when it
+    /// ended before the first).
+    pub peak_processes: Option<u64>,
+    /// Packets the guest kernel found no route for while the command ran
+    /// (IPv4 `OutNoRoutes` + IPv6 `Ip6OutNoRoutes`, guest-wide). In a VM
+    /// without a NIC every attempt to reach another host lands here.
+    pub unroutable_packets: Option<u64>,
 }
 
 /// The end of a command.
@@ -257,6 +269,9 @@ pub struct FileDataChunk {
 pub struct ListChangesRequest {
     /// Include the text of small UTF-8 files (before and after) in the answer.
     pub include_text: bool,
+    /// Also list what changed outside the workspace since the baseline
+    /// ([`ChangeList::outside_workspace`]).
+    pub outside_workspace: bool,
 }
 
 /// Record the current workspace as the new baseline.
@@ -320,7 +335,18 @@ pub struct FileChange {
 pub struct ChangeList {
     /// The changes.
     pub changes: Vec<FileChange>,
+    /// When asked for: absolute paths outside the workspace (and outside
+    /// `/proc`, `/sys`, `/dev` and the agent's staging directory) whose
+    /// inode changed since the baseline — files written, created or
+    /// chmod'ed, and the directories entries were created in or deleted
+    /// from. Sorted; at most [`MAX_OUTSIDE_PATHS`].
+    pub outside_workspace: Vec<String>,
+    /// More paths outside the workspace changed than were listed.
+    pub outside_truncated: bool,
 }
+
+/// Most paths listed in [`ChangeList::outside_workspace`].
+pub const MAX_OUTSIDE_PATHS: usize = 100;
 
 /// Signal the process tree of a running command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
