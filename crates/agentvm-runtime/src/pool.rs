@@ -40,6 +40,19 @@ pub struct PoolConfig {
     pub spec: VmSpec,
 }
 
+impl PoolConfig {
+    /// A pool of exactly `size` VMs of `spec`, never recycled.
+    pub fn fixed(size: usize, spec: VmSpec) -> Self {
+        Self {
+            min_size: size,
+            max_size: size,
+            max_uses: None,
+            ttl: None,
+            spec,
+        }
+    }
+}
+
 /// Why the pool could not hand out a VM.
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {

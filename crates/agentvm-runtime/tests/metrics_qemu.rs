@@ -45,17 +45,7 @@ async fn metrics_of_a_real_vm_come_from_its_qemu_process() {
     let server = tokio::spawn(metrics::serve(listener, Arc::clone(&metrics)));
 
     let backend = QemuBackend::new(QemuConfig::default()).expect("qemu backend");
-    let pool = VmPool::new(
-        Arc::new(backend),
-        PoolConfig {
-            min_size: 1,
-            max_size: 1,
-            max_uses: None,
-            ttl: None,
-            spec: spec(),
-        },
-    )
-    .unwrap();
+    let pool = VmPool::new(Arc::new(backend), PoolConfig::fixed(1, spec())).unwrap();
     pool.wait_ready(Duration::from_secs(120)).await.unwrap();
     let mut lease = pool.acquire(Duration::from_secs(60)).await.unwrap();
     let vm = lease.id().to_string();

@@ -464,13 +464,7 @@ async fn run(args: &Args) -> Result<Raw> {
     let started = Instant::now();
     let pool = VmPool::new(
         backend.clone(),
-        PoolConfig {
-            min_size: args.warmup_vms,
-            max_size: args.warmup_vms,
-            max_uses: None,
-            ttl: None,
-            spec: spec.clone(),
-        },
+        PoolConfig::fixed(args.warmup_vms, spec.clone()),
     )?;
     let result = measure_pool(args, &pool, started, &mut raw).await;
     for (vm, pid) in backend.launched_since(first_pool_vm) {
@@ -538,69 +532,59 @@ async fn measure_golden_cache(args: &Args, spec: &VmSpec, raw: &mut Raw) -> Resu
         args.warmup_vms
     ));
     let started = Instant::now();
-    let pool = VmPool::new(
-        backend,
-        PoolConfig {
-            min_size: args.warmup_vms,
-            max_size: args.warmup_vms,
-            max_uses: None,
-            ttl: None,
-            spec: spec.clone(),
-        },
-    )?;
-    let result = async {
-        pool.wait_ready(POOL_WAIT).await?;
-        let mut warmup = PoolWarmup {
-            vms: args.warmup_vms,
-            wall_ms: ms(started.elapsed()),
-            ..PoolWarmup::default()
-        };
-        let mut leases = Vec::new();
-        for _ in 0..args.warmup_vms {
-            leases.push(pool.acquire(Duration::from_secs(60)).await?);
-        }
-        for lease in &leases {
-            let t = lease.boot_timings();
-            ensure!(
-                t.restored,
-                "a pool VM booted instead of starting from the golden cache"
-            );
-            warmup.vm_to_hello_ms.push(ms(t.to_hello));
-            warmup.vm_snapshot_ms.push(ms(t.snapshot));
-        }
-        note(format!(
-            "{} VMs ready after {:.0} ms",
-            warmup.vms, warmup.wall_ms
-        ));
-        Ok::<_, anyhow::Error>(warmup)
-    }
-    .await;
+    let pool = VmPool::new(backend, PoolConfig::fixed(args.warmup_vms, spec.clone()))?;
+    let result = warm_up(&pool, args.warmup_vms, started, true).await;
     pool.shutdown().await;
     raw.pool_warmup_restored = Some(result?);
     Ok(())
 }
 
-/// Warm-up wall time, then acquires from the warm pool.
-async fn measure_pool(args: &Args, pool: &VmPool, started: Instant, raw: &mut Raw) -> Result<()> {
+/// Waits until the pool created at `started` has its `size` VMs ready and
+/// collects their boot timings (these acquires are not samples); `restored`:
+/// every VM must have started from the golden cache.
+async fn warm_up(
+    pool: &VmPool,
+    size: usize,
+    started: Instant,
+    restored: bool,
+) -> Result<PoolWarmup> {
     pool.wait_ready(POOL_WAIT).await?;
-    let size = args.warmup_vms;
-    raw.pool_warmup.vms = size;
-    raw.pool_warmup.wall_ms = ms(started.elapsed());
-    // The boot timings of the pool's VMs (these acquires are not samples).
+    let mut warmup = PoolWarmup {
+        vms: size,
+        wall_ms: ms(started.elapsed()),
+        ..PoolWarmup::default()
+    };
     let mut leases = Vec::new();
     for _ in 0..size {
         leases.push(pool.acquire(Duration::from_secs(60)).await?);
     }
     for lease in &leases {
         let t = lease.boot_timings();
-        raw.pool_warmup.vm_to_hello_ms.push(ms(t.to_hello));
-        raw.pool_warmup.vm_snapshot_ms.push(ms(t.snapshot));
+        ensure!(
+            t.restored == restored,
+            "a pool VM {} (expected: {})",
+            if t.restored {
+                "started from the golden cache"
+            } else {
+                "booted"
+            },
+            if restored {
+                "from the golden cache"
+            } else {
+                "a boot"
+            }
+        );
+        warmup.vm_to_hello_ms.push(ms(t.to_hello));
+        warmup.vm_snapshot_ms.push(ms(t.snapshot));
     }
-    note(format!(
-        "{size} VMs ready after {:.0} ms",
-        raw.pool_warmup.wall_ms
-    ));
-    drop(leases);
+    note(format!("{size} VMs ready after {:.0} ms", warmup.wall_ms));
+    Ok(warmup)
+}
+
+/// Warm-up wall time, then acquires from the warm pool.
+async fn measure_pool(args: &Args, pool: &VmPool, started: Instant, raw: &mut Raw) -> Result<()> {
+    let size = args.warmup_vms;
+    raw.pool_warmup = warm_up(pool, size, started, false).await?;
 
     // Acquires: all VMs idle, then take them one by one (each acquire finds
     // an idle VM), give them back (reverted in the background), repeat.

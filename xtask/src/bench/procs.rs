@@ -1,6 +1,8 @@
 //! Host memory of the whole benchmark run: a thread samples `/proc` every
 //! [`INTERVAL`] and follows this process and all its descendants (the
-//! measuring program, the suite's test binaries, and every QEMU they start).
+//! measuring program, the suite's test binaries, and every QEMU they start),
+//! plus the QEMUs libvirtd runs for them (children of the daemon, found by
+//! their domain name `agentvm-<owner pid>-<n>`).
 //!
 //! * the peak of the summed `VmRSS` of the whole tree, and of the QEMU
 //!   processes alone (both overall and per phase);
@@ -58,6 +60,16 @@ pub fn descendants(parents: &[(u32, u32)], root: u32) -> Vec<u32> {
         i += 1;
     }
     tree
+}
+
+/// The owner pid in a libvirt QEMU's command line (`-name guest=agentvm-<pid>-<n>,...`,
+/// NUL-separated as in `/proc/<pid>/cmdline`).
+pub fn libvirt_owner(cmdline: &str) -> Option<u32> {
+    let rest = cmdline.split_once("guest=agentvm-")?.1;
+    let (pid, rest) = rest.split_once('-')?;
+    rest.starts_with(|c: char| c.is_ascii_digit())
+        .then(|| pid.parse().ok())
+        .flatten()
 }
 
 /// Whether a process name (`comm`, at most 15 bytes) is a QEMU system emulator.
@@ -153,8 +165,18 @@ fn sample_tree(root: u32) -> Vec<Sampled> {
             names.insert(pid, comm);
         }
     }
-    descendants(&parents, root)
-        .into_iter()
+    let mut ours = descendants(&parents, root);
+    let libvirt_qemus: Vec<u32> = names
+        .iter()
+        .filter(|(pid, comm)| is_qemu(comm) && !ours.contains(pid))
+        .filter_map(|(&pid, _)| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let owner = libvirt_owner(&String::from_utf8_lossy(&cmdline))?;
+            ours.contains(&owner).then_some(pid)
+        })
+        .collect();
+    ours.extend(libvirt_qemus);
+    ours.into_iter()
         .filter_map(|pid| {
             let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
             Some(Sampled {
@@ -220,6 +242,16 @@ impl Sampler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn libvirt_owners() {
+        let cmdline =
+            "/usr/bin/qemu-system-x86_64\0-name\0guest=agentvm-4242-3,debug-threads=on\0-S";
+        assert_eq!(libvirt_owner(cmdline), Some(4242));
+        assert_eq!(libvirt_owner("qemu\0-name\0guest=other-1-2"), None);
+        assert_eq!(libvirt_owner("qemu\0-name\0guest=agentvm-x-2"), None);
+        assert_eq!(libvirt_owner("qemu\0-name\0guest=agentvm-12-"), None);
+    }
 
     #[test]
     fn stat_lines() {

@@ -71,6 +71,19 @@ pub const POOLED_FIRST_RUN: Mode = Mode {
     golden_cache: GoldenCache::Empty,
 };
 
+/// The warm pool of 2 on a backend without a golden cache (libvirt): every
+/// run is like a first run.
+pub const POOLED_NO_CACHE: Mode = Mode {
+    key: "pooled",
+    description:
+        "warm pool of 2 VMs (the backend has no golden cache: they boot), reverted after each test",
+    pool_min_size: 2,
+    pool_max_size: 2,
+    max_uses: None,
+    test_threads: 2,
+    golden_cache: GoldenCache::Empty,
+};
+
 /// A fresh VM per test, 2 at a time (same concurrency as the pool).
 pub const NAIVE: Mode = Mode {
     key: "naive",

@@ -246,13 +246,7 @@ macro_rules! vm_suite_tests {
         async fn pool_acquire_release_reverts() {
             let pool = VmPool::new(
                 backend(),
-                PoolConfig {
-                    min_size: 1,
-                    max_size: 1,
-                    max_uses: None,
-                    ttl: None,
-                    spec: spec(),
-                },
+                PoolConfig::fixed(1, spec()),
             )
             .unwrap();
             pool.wait_ready(Duration::from_secs(180)).await.unwrap();
