@@ -95,6 +95,15 @@ pub struct BootTimings {
     pub restored: bool,
 }
 
+/// How [`Vm::shutdown`] stopped the VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shutdown {
+    /// The guest powered itself off in time.
+    Graceful,
+    /// It did not: the hypervisor stopped it.
+    Forced,
+}
+
 /// Timings of one revert.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RevertTimings {
@@ -491,6 +500,32 @@ impl Vm {
     pub async fn health_check(&mut self) -> Result<(), VmError> {
         self.machine.check_alive().await?;
         self.ping().await.map(drop)
+    }
+
+    /// Stops the VM gracefully: the guest agent syncs and powers the guest
+    /// off, the hypervisor is given `timeout` to notice (QEMU exits, the
+    /// libvirt domain shuts off), then the VM's files are removed. A guest
+    /// that does not stop in time is stopped by force; the result says which.
+    pub async fn shutdown(mut self, timeout: Duration) -> Result<Shutdown, VmError> {
+        let asked = self.client.shutdown(true).await;
+        let graceful = match asked {
+            Ok(()) => self.machine.wait_stopped(timeout).await?,
+            Err(e) => {
+                tracing::warn!(vm = self.id(), error = %e, "the guest agent did not take the shutdown; stopping by force");
+                false
+            }
+        };
+        let outcome = if graceful {
+            Shutdown::Graceful
+        } else {
+            Shutdown::Forced
+        };
+        self.destroy_because(match outcome {
+            Shutdown::Graceful => "shutdown",
+            Shutdown::Forced => "shutdown (forced)",
+        })
+        .await?;
+        Ok(outcome)
     }
 
     /// Stops the VM and removes its files.

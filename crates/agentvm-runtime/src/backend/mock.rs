@@ -163,6 +163,11 @@ impl Machine for MockMachine {
         Ok(())
     }
 
+    async fn wait_stopped(&mut self, _timeout: Duration) -> Result<bool, BackendError> {
+        // The fake guest has nothing to shut down.
+        Ok(true)
+    }
+
     async fn destroy(&mut self) -> Result<(), BackendError> {
         if !self.destroyed {
             self.destroyed = true;

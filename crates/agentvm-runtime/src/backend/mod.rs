@@ -198,6 +198,12 @@ pub trait Machine: Send + Sync {
     /// Stops the VM at once and removes its temporary files. Idempotent.
     async fn destroy(&mut self) -> Result<(), BackendError>;
 
+    /// Waits until the guest has powered itself off (the hypervisor process
+    /// exited, or the domain is shut off), at most `timeout`. `Ok(false)`
+    /// when it still runs then. Call [`Machine::destroy`] afterwards either way
+    /// (it removes the files).
+    async fn wait_stopped(&mut self, timeout: Duration) -> Result<bool, BackendError>;
+
     /// The last `lines` lines of the serial console log.
     fn serial_tail(&self, lines: usize) -> String;
 

@@ -243,6 +243,15 @@ macro_rules! vm_suite_tests {
         }
 
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn graceful_shutdown_powers_the_guest_off() {
+            // Graceful: the hypervisor saw the guest power itself off in time
+            // (otherwise it is stopped by force and says so).
+            let vm = boot().await;
+            let outcome = vm.shutdown(Duration::from_secs(30)).await.unwrap();
+            assert_eq!(outcome, agentvm_runtime::vm::Shutdown::Graceful);
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn pool_acquire_release_reverts() {
             let pool = VmPool::new(
                 backend(),

@@ -232,6 +232,9 @@ pub fn domain_xml(p: &DomainParams<'_>) -> Result<String, DomainXmlError> {
     <cmdline>{cmdline}</cmdline>
   </os>
   {cpu}
+  <features>
+    <acpi/>
+  </features>
   <on_poweroff>destroy</on_poweroff>
   <on_reboot>destroy</on_reboot>
   <on_crash>destroy</on_crash>
@@ -352,6 +355,8 @@ mod tests {
             "<cmdline>console=ttyS0 panic=1 quiet tsc_early_khz=2596120</cmdline>",
             "<cpu mode='maximum'/>",
             "<on_reboot>destroy</on_reboot>",
+            // Without ACPI the guest's poweroff only halts the CPU.
+            "<features>\n    <acpi/>\n  </features>\n  <on_poweroff>destroy</on_poweroff>",
             "<serial type='file'>\n      <source path='/run/agentvm/libvirt/vms/7-0/serial.log' append='on'/>",
             "<channel type='unix'>\n      <source mode='bind' path='/run/agentvm/libvirt/vms/7-0/ctl.sock'/>\n      <target type='virtio' name='org.agentvm.ctl'/>\n    </channel>",
             "<source file='/run/agentvm/libvirt/vms/7-0/state.qcow2'/>",

@@ -813,6 +813,26 @@ impl Machine for LibvirtMachine {
         Err(self.mark_dead(reason))
     }
 
+    async fn wait_stopped(&mut self, timeout: Duration) -> Result<bool, BackendError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let name = self.name.clone();
+            let state = self
+                .conn
+                .with(move |c| c.lookup_domain_by_name(&name)?.state())
+                .await?;
+            match state {
+                Ok((Enum::Known(DomainState::Shutoff | DomainState::Crashed), _)) => {
+                    return Ok(true)
+                }
+                Err(e) if is_no_domain(&e) => return Ok(true),
+                Err(e) => return Err(control(&self.id, "virDomainGetState", e.to_string())),
+                Ok(_) if Instant::now() >= deadline => return Ok(false),
+                Ok(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    }
+
     async fn destroy(&mut self) -> Result<(), BackendError> {
         if self.destroyed {
             return Ok(());

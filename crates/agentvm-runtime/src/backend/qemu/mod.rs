@@ -784,6 +784,19 @@ impl Machine for QemuMachine {
         Ok(())
     }
 
+    async fn wait_stopped(&mut self, timeout: Duration) -> Result<bool, BackendError> {
+        let Some(process) = self.process.as_mut() else {
+            return Ok(true);
+        };
+        match process.wait_exit(timeout).await {
+            Ok(exited) => Ok(exited.is_some()),
+            Err(e) => Err(io_error(
+                format!("waiting for QEMU of VM {} to exit", self.id),
+                std::io::Error::other(e),
+            )),
+        }
+    }
+
     async fn destroy(&mut self) -> Result<(), BackendError> {
         if self.destroyed {
             return Ok(());
