@@ -5,29 +5,17 @@
 //!
 //! Needs the image of `cargo xtask build-image` (target/agentvm/images/default).
 
-use std::path::PathBuf;
+mod vm_suite;
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use agentvm_runtime::backend::qemu::{QemuBackend, QemuConfig};
 use agentvm_runtime::command::Command;
 use agentvm_runtime::events;
-use agentvm_runtime::image::locate_image;
 use agentvm_runtime::metrics::{self, Metrics};
 use agentvm_runtime::pool::{PoolConfig, VmPool};
-use agentvm_runtime::spec::{Accel, NetworkMode, ResourceProfile, VmSpec};
-
-fn spec() -> VmSpec {
-    let images = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/agentvm/images");
-    let image = locate_image("default", &images).unwrap_or_else(|e| panic!("{e}"));
-    VmSpec {
-        image,
-        profile: ResourceProfile::Minimal,
-        network: NetworkMode::Isolated,
-        accel: Accel::Auto,
-        boot_timeout: Duration::from_secs(120),
-    }
-}
+use vm_suite::spec;
 
 /// The value of the sample line starting with `series ` in a metrics text.
 fn metric(text: &str, series: &str) -> Option<f64> {
