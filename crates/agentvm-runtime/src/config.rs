@@ -464,8 +464,12 @@ impl AgentVmConfig {
                 Some(set.parse("audit_log", &v, |s| parse_dir(s, &root), "a file path")?);
         }
         if let Some(kinds) = raw.fail_on {
-            self.fail_on =
-                set.parse("fail_on", &kinds.join(","), parse_kinds, ANOMALY_KIND_LIST)?;
+            self.fail_on = set.parse(
+                "fail_on",
+                &kinds.join(","),
+                parse_kinds,
+                &anomaly_kind_list(),
+            )?;
         }
         if let Some(v) = raw.golden_cache {
             self.golden_cache = v;
@@ -635,7 +639,7 @@ impl AgentVmConfig {
             "AGENT_VM_FAIL_ON",
             "fail_on",
             parse_kinds,
-            ANOMALY_KIND_LIST,
+            &anomaly_kind_list(),
             |v| self.fail_on = v
         );
         if let Some(uri) = get("LIBVIRT_DEFAULT_URI") {
@@ -815,7 +819,11 @@ fn parse_dir(s: &str, base: &Path) -> Option<PathBuf> {
     (!s.is_empty()).then(|| base.join(s))
 }
 
-const ANOMALY_KIND_LIST: &str = "anomaly kinds from \"timeout\", \"output_cap\", \"memory_limit\", \"process_count\", \"outside_workspace\", \"network_attempt\", \"duration_zscore\", \"cpu_zscore\", \"memory_zscore\" (comma-separated)";
+/// What `fail_on` accepts, for error messages: [`ANOMALY_KINDS`], quoted.
+fn anomaly_kind_list() -> String {
+    let kinds: Vec<String> = ANOMALY_KINDS.iter().map(|k| format!("{k:?}")).collect();
+    format!("anomaly kinds from {} (comma-separated)", kinds.join(", "))
+}
 
 /// A comma-separated list of anomaly kinds (empty entries ignored).
 fn parse_kinds(s: &str) -> Option<Vec<String>> {

@@ -76,7 +76,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use tokio::net::UnixStream;
 use virt::connect::Connect;
-use virt::domain::{Domain, DomainState};
+use virt::domain::{Domain, DomainState, DomainStateEnum, DomainStateReasonEnum};
 use virt::enumutil::Enum;
 use virt::error::Error as VirtError;
 
@@ -498,6 +498,16 @@ impl LibvirtMachine {
         self.crashed(reason)
     }
 
+    /// The domain's state and why (`virDomainGetState`).
+    async fn domain_state(
+        &self,
+    ) -> Result<Result<(DomainStateEnum, DomainStateReasonEnum), VirtError>, BackendError> {
+        let name = self.name.clone();
+        self.conn
+            .with(move |c| c.lookup_domain_by_name(&name)?.state())
+            .await
+    }
+
     fn known_dead(&self) -> Option<BackendError> {
         if self.destroyed {
             return Some(self.crashed("the VM was destroyed".into()));
@@ -792,12 +802,7 @@ impl Machine for LibvirtMachine {
         if let Some(e) = self.known_dead() {
             return Err(e);
         }
-        let name = self.name.clone();
-        let state = self
-            .conn
-            .with(move |c| c.lookup_domain_by_name(&name)?.state())
-            .await?;
-        let reason = match state {
+        let reason = match self.domain_state().await? {
             Ok((
                 Enum::Known(DomainState::Running | DomainState::Blocked | DomainState::Paused),
                 _,
@@ -816,12 +821,7 @@ impl Machine for LibvirtMachine {
     async fn wait_stopped(&mut self, timeout: Duration) -> Result<bool, BackendError> {
         let deadline = Instant::now() + timeout;
         loop {
-            let name = self.name.clone();
-            let state = self
-                .conn
-                .with(move |c| c.lookup_domain_by_name(&name)?.state())
-                .await?;
-            match state {
+            match self.domain_state().await? {
                 Ok((Enum::Known(DomainState::Shutoff | DomainState::Crashed), _)) => {
                     return Ok(true)
                 }
