@@ -38,7 +38,7 @@ fn report(name: &str, mut samples: Vec<Duration>) {
 }
 
 fn spec() -> VmSpec {
-    let images = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/agentvm/images");
+    let images = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/agentvm/images");
     VmSpec {
         image: locate_image("default", &images).unwrap_or_else(|e| panic!("{e}")),
         profile: ResourceProfile::Minimal,

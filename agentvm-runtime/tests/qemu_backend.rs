@@ -92,7 +92,7 @@ modules (.ko, anywhere in the tree), e.g. from a Debian cloud kernel: `apt-get d
 and the linux-image-*-cloud-amd64 it depends on, `dpkg-deb -x`, then cpio the four modules (newc, gzip)";
 
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
 /// (kernel, initramfs) from the environment or the default image.

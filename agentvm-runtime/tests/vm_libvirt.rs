@@ -285,10 +285,7 @@ async fn survives_a_daemon_restart() {
     while std::path::Path::new(&format!("/proc/{pid}")).exists() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../scripts/start-libvirtd.sh"
-    );
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/start-libvirtd.sh");
     assert!(std::process::Command::new("sh")
         .arg(script)
         .status()

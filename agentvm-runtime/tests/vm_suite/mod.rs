@@ -20,7 +20,7 @@ use agentvm_runtime::spec::{Accel, NetworkMode, ResourceProfile, VmSpec};
 use agentvm_runtime::vm::Vm;
 
 pub fn images_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/agentvm/images")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/agentvm/images")
 }
 
 pub fn spec() -> VmSpec {
