@@ -25,6 +25,7 @@ mod counters;
 mod exec;
 mod files;
 mod reaper;
+mod reseed;
 mod server;
 mod spawn;
 mod transport;

@@ -458,6 +458,19 @@ impl Session {
                 })
                 .await
             }
+            Message::Reseed(request) => {
+                let reply = match crate::reseed::apply(&request) {
+                    Ok(()) => Message::Ok(Default::default()),
+                    Err(e @ crate::reseed::ReseedError::NotSystemOwner) => {
+                        Message::Error(error_reply(ErrorKind::Unsupported, e))
+                    }
+                    Err(e @ crate::reseed::ReseedError::TooMuchEntropy(_)) => {
+                        Message::Error(error_reply(ErrorKind::BadRequest, e))
+                    }
+                    Err(e) => Message::Error(error_reply(ErrorKind::Io, e)),
+                };
+                self.out.send(id, reply).await;
+            }
             Message::Shutdown(request) => {
                 self.out.send(id, Message::Ok(Default::default())).await;
                 return Some(request.poweroff);

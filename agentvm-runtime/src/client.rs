@@ -16,7 +16,8 @@ use tokio::sync::{mpsc, oneshot};
 use crate::protocol::{
     ChangeList, ErrorKind, ExecRequest, ExitReport, FileChange, Frame, FrameError, FrameReader,
     FrameWriter, GetFileRequest, Hello, KillRequest, ListChangesRequest, Message, OutputStream,
-    Ping, PutFileChunk, ResetBaselineRequest, ShutdownRequest, FILE_CHUNK_LEN, PROTOCOL_VERSION,
+    Ping, PutFileChunk, ReseedRequest, ResetBaselineRequest, ShutdownRequest, FILE_CHUNK_LEN,
+    PROTOCOL_VERSION,
 };
 
 /// Most bytes of answers the client buffers for callers that have not read
@@ -100,6 +101,10 @@ pub struct ResyncStats {
     pub bytes_dropped: u64,
     /// Time from sending the ping to receiving its echo.
     pub elapsed: Duration,
+    /// The guest set its clock to the host's and reseeded its RNG
+    /// ([`GuestClient::reseed`]); `false` for an agent that does not own the
+    /// machine (not PID 1, e.g. run on the host in tests).
+    pub reseeded: bool,
 }
 
 type Waiters = HashMap<u64, mpsc::UnboundedSender<Message>>;
@@ -324,11 +329,37 @@ impl GuestClient {
                 done_rx.await.map_err(|_| self.shared.closed_error())
             })
             .await?;
+        let elapsed = start.elapsed();
+        let reseeded = self.with_timeout("Reseed", timeout, self.reseed()).await?;
         Ok(ResyncStats {
             frames_dropped,
             bytes_dropped,
-            elapsed: start.elapsed(),
+            elapsed,
+            reseeded,
         })
+    }
+
+    /// Sets the guest's wall clock to the host's and credits fresh host
+    /// entropy to its RNG, then forces a CRNG reseed. A VM restored from a
+    /// snapshot otherwise keeps the clock and RNG state of the instant the
+    /// snapshot was taken — every VM and every test the same. [`resync`]
+    /// calls this; `Ok(false)` when the guest agent does not own the machine.
+    ///
+    /// [`resync`]: Self::resync
+    pub async fn reseed(&self) -> Result<bool, ClientError> {
+        let mut entropy = vec![0u8; 64];
+        getrandom::fill(&mut entropy).map_err(|e| ClientError::Closed {
+            reason: format!("no host randomness for the guest: {e}"),
+        })?;
+        let unix_time = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let request = Message::Reseed(ReseedRequest { unix_time, entropy });
+        match self.request(request).await?.recv().await? {
+            Message::Ok(_) => Ok(true),
+            Message::Error(e) if e.kind == ErrorKind::Unsupported => Ok(false),
+            other => Err(unexpected("Reseed", &other)),
+        }
     }
 
     /// Starts a command; its output and exit arrive on the returned stream.

@@ -96,3 +96,46 @@ async fn a_broken_golden_cache_entry_is_replaced_by_a_boot() {
     assert!(vm.boot_timings().restored);
     vm.destroy().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vms_started_from_an_old_cache_entry_have_the_hosts_clock() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = cached_backend(&dir);
+    let spec = vm_suite::spec();
+    Vm::boot(&backend, spec.clone())
+        .await
+        .unwrap()
+        .destroy()
+        .await
+        .unwrap();
+    // The entry's clock is now this many seconds behind.
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let mut vm = Vm::boot(&backend, spec).await.unwrap();
+    assert!(vm.boot_timings().restored);
+    vm_suite::assert_clock_is_the_hosts(&mut vm, "start from a 3 s old cache entry").await;
+    vm.destroy().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vms_started_from_one_cache_entry_have_distinct_randomness() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = cached_backend(&dir);
+    let spec = vm_suite::spec();
+    Vm::boot(&backend, spec.clone())
+        .await
+        .unwrap()
+        .destroy()
+        .await
+        .unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    for i in 0..10 {
+        let mut vm = Vm::boot(&backend, spec.clone()).await.unwrap();
+        assert!(vm.boot_timings().restored, "VM {i} started from the cache");
+        let bytes = vm_suite::guest_urandom(&mut vm).await;
+        vm.destroy().await.unwrap();
+        assert!(
+            seen.insert(bytes.clone()),
+            "VM {i}: /dev/urandom repeated {bytes}"
+        );
+    }
+}

@@ -218,6 +218,7 @@ async fn fake_guest(stream: DuplexStream) {
                 kernel: None,
             })],
             Message::Ping(ping) => vec![Message::Pong(Pong { nonce: ping.nonce })],
+            Message::Reseed(_) => vec![Message::Ok(Default::default())],
             Message::Exec(exec) => {
                 let mut out = Vec::new();
                 let timeout = exec.argv.first().map(String::as_str) == Some("mock-timeout");

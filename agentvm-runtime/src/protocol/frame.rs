@@ -8,7 +8,7 @@ use super::message::Message;
 /// First four bytes of every frame.
 pub const MAGIC: [u8; 4] = *b"AVMF";
 /// Version of the frame layout and message set this build speaks.
-pub const PROTOCOL_VERSION: u8 = 2;
+pub const PROTOCOL_VERSION: u8 = 3;
 /// Length of the fixed frame header in bytes.
 pub const HEADER_LEN: usize = 24;
 /// Largest payload a frame may carry. A header claiming more is rejected

@@ -97,6 +97,12 @@ messages! {
     15 => Ok(Ack),
     /// A request failed.
     16 => Error(ErrorReply),
+    /// Set the guest's wall clock and mix fresh host entropy into its RNG
+    /// (after every revert and start from a shared snapshot, whose clock and
+    /// RNG state are those of the instant the snapshot was taken). Answered
+    /// by [`Message::Ok`], or [`ErrorKind::Unsupported`] from an agent that
+    /// does not own the machine (not PID 1).
+    17 => Reseed(ReseedRequest),
 }
 
 /// Versions and capabilities, sent by each side on connect.
@@ -347,6 +353,21 @@ pub struct ChangeList {
 
 /// Most paths listed in [`ChangeList::outside_workspace`].
 pub const MAX_OUTSIDE_PATHS: usize = 100;
+
+/// The host's wall clock and random bytes for the guest's kernel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReseedRequest {
+    /// The host's `CLOCK_REALTIME` when the request was sent, since the Unix epoch.
+    pub unix_time: Duration,
+    /// Random bytes from the host, credited to the guest's entropy pool
+    /// before its CRNG is reseeded (at most [`MAX_RESEED_ENTROPY`]).
+    #[serde(with = "serde_bytes")]
+    pub entropy: Vec<u8>,
+}
+
+/// Most entropy bytes a [`ReseedRequest`] carries (the kernel's input pool
+/// takes at most 512 bytes per `RNDADDENTROPY`).
+pub const MAX_RESEED_ENTROPY: usize = 512;
 
 /// Signal the process tree of a running command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -56,6 +56,91 @@ pub async fn sh(vm: &mut Vm, script: &str) -> (i32, String, String) {
     )
 }
 
+/// The guest's wall clock as seconds since the epoch, bracketed by the
+/// host's before and after the command, all as f64 seconds.
+pub async fn guest_clock(vm: &mut Vm) -> (f64, f64, f64) {
+    let host = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64()
+    };
+    let before = host();
+    // busybox date has no %N; adjtimex prints the time to the microsecond.
+    let (code, out, err) = sh(vm, "adjtimex | grep 'time.tv_'").await;
+    let after = host();
+    assert_eq!(code, 0, "{err}");
+    let field = |name: &str| -> f64 {
+        out.lines()
+            .find_map(|l| l.trim().strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in the guest's adjtimex output {out:?}"))
+    };
+    let guest = field("time.tv_sec:") + field("time.tv_usec:") / 1e6;
+    (before, guest, after)
+}
+
+/// Asserts the guest clock is within a second of the host's.
+pub async fn assert_clock_is_the_hosts(vm: &mut Vm, when: &str) {
+    let (before, guest, after) = guest_clock(vm).await;
+    assert!(
+        guest > before - 1.0 && guest < after + 1.0,
+        "{when}: guest clock {guest:.3} is off the host's [{before:.3}, {after:.3}] by {:.3} s",
+        if guest < before {
+            guest - before
+        } else {
+            guest - after
+        }
+    );
+}
+
+/// 16 bytes of the guest's `/dev/urandom`, as hex.
+pub async fn guest_urandom(vm: &mut Vm) -> String {
+    let (code, out, err) = sh(vm, "head -c16 /dev/urandom | od -An -tx1").await;
+    assert_eq!(code, 0, "{err}");
+    let hex: String = out.split_whitespace().collect();
+    assert_eq!(hex.len(), 32, "{out:?}");
+    hex
+}
+
+/// Keeps `threads` host CPUs busy until the value is dropped (at most
+/// `limit`), so guest timing is as on a loaded CI machine.
+pub struct HostLoad {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl HostLoad {
+    pub fn start(threads: usize, limit: Duration) -> Self {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let threads = (0..threads)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let end = std::time::Instant::now() + limit;
+                    let mut x = 0u64;
+                    while !stop.load(Ordering::Relaxed) && std::time::Instant::now() < end {
+                        x = std::hint::black_box(
+                            x.wrapping_mul(6364136223846793005).wrapping_add(1),
+                        );
+                    }
+                })
+            })
+            .collect();
+        Self { stop, threads }
+    }
+}
+
+impl Drop for HostLoad {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
 /// Expands the suite's `#[tokio::test]`s; the calling file defines
 /// `fn backend() -> std::sync::Arc<dyn agentvm_runtime::backend::Backend>`.
 #[macro_export]
@@ -137,6 +222,31 @@ macro_rules! vm_suite_tests {
             let (_, sum, _) = sh(&mut vm, "sha256sum blob.bin | cut -d' ' -f1").await;
             use sha2::Digest;
             assert_eq!(sum.trim(), hex::encode(sha2::Sha256::digest(&data)));
+            vm.destroy().await.unwrap();
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn the_guest_clock_is_the_hosts_after_a_revert() {
+            let mut vm = boot().await;
+            $crate::vm_suite::assert_clock_is_the_hosts(&mut vm, "after boot").await;
+            // The golden snapshot's clock lags more the older it is.
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            let timings = vm.revert().await.unwrap();
+            assert!(timings.resync.reseeded, "{timings:?}");
+            $crate::vm_suite::assert_clock_is_the_hosts(&mut vm, "after a revert 3 s later").await;
+            vm.destroy().await.unwrap();
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn urandom_differs_after_every_revert_on_a_loaded_host() {
+            let mut vm = boot().await;
+            let _load = $crate::vm_suite::HostLoad::start(3, Duration::from_secs(300));
+            let mut seen = std::collections::BTreeSet::new();
+            for i in 0..20 {
+                vm.revert().await.unwrap();
+                let bytes = $crate::vm_suite::guest_urandom(&mut vm).await;
+                assert!(seen.insert(bytes.clone()), "revert {i}: /dev/urandom repeated {bytes}");
+            }
             vm.destroy().await.unwrap();
         }
 
