@@ -8,7 +8,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use agentvm_runtime::protocol::{ChangeKind, FileChange, FileKind, FileState};
+use agentvm_runtime::protocol::{path_text, ChangeKind, FileChange, FileKind, FileState};
 use sha2::{Digest, Sha256};
 
 use crate::files::TEMP_PREFIX;
@@ -35,7 +35,7 @@ pub fn scan(root: &Path) -> Snapshot {
             if name.as_bytes().starts_with(TEMP_PREFIX.as_bytes()) {
                 continue;
             }
-            let relative = format!("{prefix}{}", name.to_string_lossy());
+            let relative = format!("{prefix}{}", path_text::encode(name.as_bytes()));
             let path = entry.path();
             let Ok(meta) = fs::symlink_metadata(&path) else {
                 continue;
@@ -299,7 +299,7 @@ pub fn changed_outside(
     }
     let found = found
         .into_iter()
-        .map(|p| p.to_string_lossy().into_owned())
+        .map(|p| path_text::encode(p.as_os_str().as_bytes()))
         .collect();
     (found, truncated)
 }

@@ -11,6 +11,8 @@ pub struct Counters {
     pub forks: Option<u64>,
     /// Packets without a route, IPv4 + IPv6 (either alone when only one is there).
     pub unroutable: Option<u64>,
+    /// Processes killed by the OOM killer since boot.
+    pub oom_kills: Option<u64>,
 }
 
 impl Counters {
@@ -21,6 +23,7 @@ impl Counters {
         let v6 = read("/proc/net/snmp6").and_then(|t| snmp6_field(&t, "Ip6OutNoRoutes"));
         Self {
             forks: read("/proc/stat").and_then(|t| stat_processes(&t)),
+            oom_kills: read("/proc/vmstat").and_then(|t| vmstat_field(&t, "oom_kill")),
             unroutable: match (v4, v6) {
                 (None, None) => None,
                 (a, b) => Some(a.unwrap_or(0) + b.unwrap_or(0)),
@@ -34,6 +37,7 @@ impl Counters {
         Self {
             forks: delta(self.forks, later.forks),
             unroutable: delta(self.unroutable, later.unroutable),
+            oom_kills: delta(self.oom_kills, later.oom_kills),
         }
     }
 }
@@ -43,6 +47,14 @@ pub fn stat_processes(text: &str) -> Option<u64> {
     text.lines()
         .find_map(|l| l.strip_prefix("processes "))
         .and_then(|v| v.trim().parse().ok())
+}
+
+/// A `name value` line of `/proc/vmstat`.
+pub fn vmstat_field(text: &str, name: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let (key, value) = l.split_once(' ')?;
+        (key == name).then(|| value.trim().parse().ok())?
+    })
 }
 
 /// A field of the `Ip:` table of `/proc/net/snmp` (a header line of names,
@@ -89,18 +101,29 @@ mod tests {
         let a = Counters {
             forks: Some(10),
             unroutable: Some(1),
+            oom_kills: Some(2),
         };
         let b = Counters {
             forks: Some(15),
             unroutable: None,
+            oom_kills: Some(3),
         };
         assert_eq!(
             a.since(b),
             Counters {
                 forks: Some(5),
-                unroutable: None
+                unroutable: None,
+                oom_kills: Some(1),
             }
         );
+    }
+
+    #[test]
+    fn vmstat_lines() {
+        let vmstat = "nr_free_pages 1234\noom_kill 2\noom_kill_x 9\n";
+        assert_eq!(vmstat_field(vmstat, "oom_kill"), Some(2));
+        assert_eq!(vmstat_field(vmstat, "nr_free_pages"), Some(1234));
+        assert_eq!(vmstat_field(vmstat, "pgfault"), None);
     }
 
     #[test]

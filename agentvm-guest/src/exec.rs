@@ -278,6 +278,7 @@ pub async fn run(spawned: Spawned, request_id: u64, out: Outbox) -> ExitReport {
     resources.processes_started = grown.forks;
     resources.peak_processes = peak_processes;
     resources.unroutable_packets = grown.unroutable;
+    resources.oom_kills = grown.oom_kills;
     let stdout_bytes = out_stats.total.load(Ordering::Relaxed);
     let stderr_bytes = err_stats.total.load(Ordering::Relaxed);
     ExitReport {

@@ -8,11 +8,13 @@
 
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
 use agentvm_runtime::protocol::{
-    ErrorKind, ErrorReply, FileDataChunk, GetFileRequest, Message, PutFileChunk, FILE_CHUNK_LEN,
+    path_text, ErrorKind, ErrorReply, FileDataChunk, GetFileRequest, Message, PutFileChunk,
+    FILE_CHUNK_LEN,
 };
 use tokio::sync::mpsc;
 
@@ -127,10 +129,11 @@ fn normalize_components(path: &Path) -> Option<PathBuf> {
 /// existing component canonicalized (no symlink left in it except possibly a
 /// dangling one as the last component).
 pub fn resolve(roots: &Roots, requested: &str) -> Result<PathBuf, PathError> {
-    if requested.contains('\0') {
+    let raw = path_text::decode(requested);
+    if raw.contains(&0) {
         return Err(PathError::Invalid(requested.into(), "contains a NUL byte"));
     }
-    let path = Path::new(requested);
+    let path = Path::new(std::ffi::OsStr::from_bytes(&raw));
     let lexical = if path.is_absolute() {
         normalize_absolute(path).ok_or_else(|| PathError::Outside(requested.into()))?
     } else {

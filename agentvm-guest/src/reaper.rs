@@ -128,6 +128,7 @@ fn resources(usage: &libc::rusage) -> ResourceUsage {
         processes_started: None,
         peak_processes: None,
         unroutable_packets: None,
+        oom_kills: None,
     }
 }
 

@@ -151,6 +151,7 @@ pub const ANOMALY_KINDS: &[&str] = &[
     "timeout",
     "output_cap",
     "memory_limit",
+    "oom_kill",
     "process_count",
     "outside_workspace",
     "network_attempt",

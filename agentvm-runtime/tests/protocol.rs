@@ -118,6 +118,7 @@ fn message() -> impl Strategy<Value = Message> {
                         processes_started: rss,
                         peak_processes: Some(bytes / 3),
                         unroutable_packets: Some(bytes),
+                        oom_kills: Some(bytes / 5),
                     },
                     stdout_bytes: bytes,
                     stderr_bytes: bytes / 2,

@@ -2,7 +2,8 @@
 //!
 //! * Rules, per agent run: `timeout` (killed at its timeout), `output_cap`
 //!   (stdout or stderr hit its limit), `memory_limit` (peak RSS of the
-//!   largest process at least 80 % of the VM's memory), `process_count`
+//!   largest process at least 80 % of the VM's memory), `oom_kill` (the
+//!   guest's OOM killer killed a process while the agent ran), `process_count`
 //!   (more processes alive at once than `process_limit`), `outside_workspace`
 //!   (files changed outside `/workspace`), `network_attempt` (packets the
 //!   guest could not route, in a VM with `network = "isolated"`: it has no
@@ -118,6 +119,19 @@ pub fn rule_anomalies(run: &AgentRun, index: usize, limits: &RuleLimits) -> Vec<
                 ),
             ));
         }
+    }
+    if let Some(kills) = run.resources().oom_kills.filter(|&n| n > 0) {
+        out.push(Anomaly::new(
+            "oom_kill",
+            format!(
+                "agent run {index}: the guest ran out of memory and its OOM killer killed \
+                 {kills} process(es){}; use a larger profile or memory_mib",
+                match run.signal() {
+                    Some(9) => " (the agent got SIGKILL)",
+                    _ => "",
+                }
+            ),
+        ));
     }
     let outside = run.outside_workspace();
     if !outside.is_empty() {
@@ -386,6 +400,26 @@ mod tests {
         // Unknown limit or RSS: no memory rule.
         let found = rule_anomalies(&run(false, false, Some(230 << 20), 1), 1, &limits(None));
         assert!(found.is_empty());
+    }
+
+    #[test]
+    fn oom_kill_rule() {
+        let killed = ResourceUsage {
+            oom_kills: Some(1),
+            ..ResourceUsage::default()
+        };
+        let r = run_with(false, false, None, 1, killed, Vec::new());
+        assert!(r.oom_killed());
+        let found = rule_anomalies(&r, 3, &limits(None));
+        assert_eq!(kinds(&found), ["oom_kill"]);
+        assert!(found[0].message.contains("agent run 3"), "{found:?}");
+        let spared = ResourceUsage {
+            oom_kills: Some(0),
+            ..ResourceUsage::default()
+        };
+        let r = run_with(false, false, None, 1, spared, Vec::new());
+        assert!(!r.oom_killed());
+        assert!(rule_anomalies(&r, 1, &limits(None)).is_empty());
     }
 
     #[test]

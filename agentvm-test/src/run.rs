@@ -48,6 +48,7 @@ pub const MAX_DIFF_TEXT: usize = 64 * 1024;
 ///   processes_started: 3
 ///   peak_processes: ~
 ///   unroutable_packets: 0
+///   oom_kills: 0
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct AgentRun {
@@ -172,6 +173,8 @@ pub struct Resources {
     /// Packets the guest could not route while the agent ran: attempts to
     /// reach the network from a VM without one.
     pub unroutable_packets: Option<u64>,
+    /// Processes the guest's OOM killer killed while the agent ran.
+    pub oom_kills: Option<u64>,
 }
 
 impl From<ResourceUsage> for Resources {
@@ -183,6 +186,7 @@ impl From<ResourceUsage> for Resources {
             processes_started: r.processes_started,
             peak_processes: r.peak_processes,
             unroutable_packets: r.unroutable_packets,
+            oom_kills: r.oom_kills,
         }
     }
 }
@@ -462,6 +466,13 @@ impl AgentRun {
         self.duration
     }
 
+    /// The guest's OOM killer killed a process while the agent ran (most
+    /// likely one of the agent's: the guest runs little else). A run killed
+    /// by signal 9 with this set ran out of memory, not time.
+    pub fn oom_killed(&self) -> bool {
+        self.resources.oom_kills.unwrap_or(0) > 0
+    }
+
     /// Resource use of the agent's process tree.
     pub fn resources(&self) -> Resources {
         self.resources
@@ -665,7 +676,7 @@ mod tests {
             ],
             "duration": "1.234s",
             "resources": {"peak_rss_bytes": 4096, "user_cpu": "0.010s", "system_cpu": null,
-                          "processes_started": null, "peak_processes": null, "unroutable_packets": null},
+                          "processes_started": null, "peak_processes": null, "unroutable_packets": null, "oom_kills": null},
         });
         assert_eq!(yaml, expected);
     }

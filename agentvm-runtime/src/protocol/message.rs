@@ -207,6 +207,9 @@ pub struct ResourceUsage {
     /// (IPv4 `OutNoRoutes` + IPv6 `Ip6OutNoRoutes`, guest-wide). In a VM
     /// without a NIC every attempt to reach another host lands here.
     pub unroutable_packets: Option<u64>,
+    /// Processes the guest kernel's OOM killer killed while the command ran
+    /// (`oom_kill` in `/proc/vmstat`, guest-wide).
+    pub oom_kills: Option<u64>,
 }
 
 /// The end of a command.

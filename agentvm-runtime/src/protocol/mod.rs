@@ -24,6 +24,7 @@
 mod codec;
 mod frame;
 mod message;
+pub mod path_text;
 
 pub use codec::{FrameCodec, FrameReader, FrameWriter};
 pub use frame::{

@@ -309,6 +309,50 @@ async fn network_attempt_from_an_isolated_vm_is_reported(vm: &mut Vm) -> TestRes
 }
 
 #[agent_vm_test(timeout = "60s")]
+async fn memory_hog_is_named_an_oom_kill(vm: &mut Vm) -> TestResult {
+    // `tail` keeps the whole of an endless line in memory.
+    let run = vm
+        .run_agent(
+            &Agent::command(["tail", "/dev/zero"]),
+            Task::prompt("eat memory"),
+        )
+        .await?;
+    assert_eq!(run.signal(), Some(9), "{run:#?}");
+    assert!(!run.timed_out(), "{run:#?}");
+    assert!(run.oom_killed(), "{run:#?}");
+    assert!(kinds(&run).contains(&"oom_kill".to_string()), "{run:#?}");
+    // The guest survived it; a well-behaved agent is not OOM-flagged.
+    let run = vm
+        .run_agent(&Agent::script(HELLO), Task::prompt("say hi"))
+        .await?;
+    assert!(run.success() && !run.oom_killed(), "{run:#?}");
+    Ok(())
+}
+
+#[agent_vm_test(timeout = "60s")]
+async fn non_utf8_file_names_stay_apart_and_read_back(vm: &mut Vm) -> TestResult {
+    let script =
+        r#"echo 1 > "$(printf 'a\377')"; echo 2 > "$(printf 'a\376')"; echo 3 > 'back\slash'"#;
+    let run = vm
+        .run_agent(
+            &Agent::command(["sh", "-c", script]),
+            Task::prompt("odd names"),
+        )
+        .await?;
+    assert!(run.success(), "{run:#?}");
+    // Bytes that are not UTF-8 show as \xHH, a backslash as \\.
+    assert_eq!(run.created(), [r"a\xfe", r"a\xff", r"back\\slash"]);
+    assert_eq!(vm.read_file(r"a\xff").await?.0, b"1\n");
+    assert_eq!(vm.read_file(r"a\xfe").await?.0, b"2\n");
+    assert_eq!(vm.read_file(r"back\\slash").await?.0, b"3\n");
+    // And the host can write such a name.
+    vm.write_file(r"b\xff", b"4", 0o644).await?;
+    let out = vm.sh(r#"cat "$(printf 'b\377')""#).await?;
+    assert_eq!(out.stdout, "4", "{out:?}");
+    Ok(())
+}
+
+#[agent_vm_test(timeout = "60s")]
 async fn zz_no_trace_of_earlier_tests(vm: &mut Vm) -> TestResult {
     assert_clean_guest(vm).await?;
     assert_hello_works(vm).await
