@@ -330,7 +330,7 @@ impl GuestClient {
             })
             .await?;
         let elapsed = start.elapsed();
-        let reseeded = self.with_timeout("Reseed", timeout, self.reseed()).await?;
+        let reseeded = self.reseed(timeout).await?;
         Ok(ResyncStats {
             frames_dropped,
             bytes_dropped,
@@ -346,7 +346,12 @@ impl GuestClient {
     /// calls this; `Ok(false)` when the guest agent does not own the machine.
     ///
     /// [`resync`]: Self::resync
-    pub async fn reseed(&self) -> Result<bool, ClientError> {
+    pub async fn reseed(&self, timeout: Duration) -> Result<bool, ClientError> {
+        self.with_timeout("Reseed", timeout, self.send_reseed())
+            .await
+    }
+
+    async fn send_reseed(&self) -> Result<bool, ClientError> {
         let mut entropy = vec![0u8; 64];
         getrandom::fill(&mut entropy).map_err(|e| ClientError::Closed {
             reason: format!("no host randomness for the guest: {e}"),

@@ -265,6 +265,17 @@ impl Vm {
                     }
                     tracing::warn!(vm = machine.id(), error = %e, "could not share the golden snapshot");
                 }
+                // The kernel took its clock from the RTC (whole seconds) and
+                // savevm stopped it for a while: set it to the host's.
+                if let Err(source) = client.reseed(RESYNC_TIMEOUT).await {
+                    let error = VmError::Guest {
+                        vm: machine.id().to_string(),
+                        source,
+                    };
+                    let _ = machine.destroy().await;
+                    failed(machine.as_ref(), error.to_string());
+                    return Err(error);
+                }
                 tracing::info!(vm = machine.id(), ?boot, "VM ready");
                 Ok(Self {
                     machine,

@@ -226,6 +226,20 @@ macro_rules! vm_suite_tests {
         }
 
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn df_reports_the_root_and_the_workspace() {
+            let mut vm = boot().await;
+            let (code, out, err) = sh(&mut vm, "df / /workspace").await;
+            assert_eq!(code, 0, "{out}{err}");
+            let mounted_on: Vec<&str> = out
+                .lines()
+                .skip(1)
+                .filter_map(|l| l.split_whitespace().last())
+                .collect();
+            assert_eq!(mounted_on, ["/", "/"], "{out}");
+            vm.destroy().await.unwrap();
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn the_guest_clock_is_the_hosts_after_a_revert() {
             let mut vm = boot().await;
             $crate::vm_suite::assert_clock_is_the_hosts(&mut vm, "after boot").await;
