@@ -93,6 +93,7 @@ fn main() {
             max_size: 2,
             max_uses: None,
             ttl: None,
+            health_interval: None,
             spec: spec(),
         };
         let pool = VmPool::new(backend.clone(), config).unwrap();

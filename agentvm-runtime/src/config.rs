@@ -72,6 +72,11 @@
 //! max_size = 2
 //! # Replace a VM after this many tests (unset: never).
 //! max_uses = 100
+//! # Replace a VM this long after it booted (unset: never).
+//! ttl = "30m"
+//! # Check idle VMs this often; a VM that died idle is replaced before
+//! # anyone acquires it (default 30 s).
+//! health_interval = "30s"
 //! ```
 //!
 //! # Environment variables
@@ -91,6 +96,8 @@
 //! | `AGENT_VM_POOL_MIN_SIZE` | `pool.min_size` |
 //! | `AGENT_VM_POOL_MAX_SIZE` | `pool.max_size` |
 //! | `AGENT_VM_MAX_USES` | `pool.max_uses` |
+//! | `AGENT_VM_TTL` | `pool.ttl` |
+//! | `AGENT_VM_HEALTH_INTERVAL` | `pool.health_interval` |
 //! | `AGENT_VM_METRICS_PORT` | `metrics_port` |
 //! | `AGENT_VM_AUDIT_LOG` | `audit_log` (relative: to the current directory) |
 //! | `AGENT_VM_FAIL_ON` | `fail_on` (comma-separated) |
@@ -134,6 +141,8 @@ pub const ENV_VARS: &[&str] = &[
     "AGENT_VM_POOL_MIN_SIZE",
     "AGENT_VM_POOL_MAX_SIZE",
     "AGENT_VM_MAX_USES",
+    "AGENT_VM_TTL",
+    "AGENT_VM_HEALTH_INTERVAL",
     "AGENT_VM_METRICS_PORT",
     "AGENT_VM_AUDIT_LOG",
     "AGENT_VM_FAIL_ON",
@@ -141,6 +150,9 @@ pub const ENV_VARS: &[&str] = &[
     "AGENT_VM_PROCESS_LIMIT",
     "LIBVIRT_DEFAULT_URI",
 ];
+
+/// Default of [`AgentVmConfig::health_interval`].
+pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(30);
 
 /// Default of [`AgentVmConfig::process_limit`]: far above what a script or
 /// a parallel build has alive at once, far below a fork bomb.
@@ -259,6 +271,10 @@ pub struct AgentVmConfig {
     pub pool_max_size: usize,
     /// Recycle a VM after this many uses.
     pub max_uses: Option<u64>,
+    /// Recycle a VM this long after it booted.
+    pub ttl: Option<Duration>,
+    /// How often idle VMs are health-checked.
+    pub health_interval: Duration,
     /// Port of the Prometheus metrics endpoint on 127.0.0.1 (off when unset).
     pub metrics_port: Option<u16>,
     /// The audit log file (`None`: `<artifacts_dir>/audit.jsonl`).
@@ -314,6 +330,8 @@ struct RawPool {
     min_size: Option<i64>,
     max_size: Option<i64>,
     max_uses: Option<i64>,
+    ttl: Option<RawDuration>,
+    health_interval: Option<RawDuration>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -350,6 +368,8 @@ impl AgentVmConfig {
             pool_min_size: 1,
             pool_max_size: 2,
             max_uses: None,
+            ttl: None,
+            health_interval: DEFAULT_HEALTH_INTERVAL,
             metrics_port: None,
             audit_log: None,
             fail_on: Vec::new(),
@@ -495,6 +515,13 @@ impl AgentVmConfig {
                             as u64,
                     );
             }
+            if let Some(v) = pool.ttl {
+                self.ttl = Some(set.parse("pool.ttl", &v.text(), parse_duration, DURATIONS)?);
+            }
+            if let Some(v) = pool.health_interval {
+                self.health_interval =
+                    set.parse("pool.health_interval", &v.text(), parse_duration, DURATIONS)?;
+            }
         }
         self.config_file = Some(path.to_path_buf());
         Ok(())
@@ -608,6 +635,16 @@ impl AgentVmConfig {
             POSITIVE,
             |v| { self.max_uses = Some(v as u64) }
         );
+        apply!("AGENT_VM_TTL", "pool.ttl", parse_duration, DURATIONS, |v| {
+            self.ttl = Some(v)
+        });
+        apply!(
+            "AGENT_VM_HEALTH_INTERVAL",
+            "pool.health_interval",
+            parse_duration,
+            DURATIONS,
+            |v| { self.health_interval = v }
+        );
         apply!(
             "AGENT_VM_METRICS_PORT",
             "metrics_port",
@@ -690,7 +727,8 @@ impl AgentVmConfig {
             min_size: self.pool_min_size,
             max_size: self.pool_max_size,
             max_uses: self.max_uses,
-            ttl: None,
+            ttl: self.ttl,
+            health_interval: Some(self.health_interval),
             spec,
         }
     }

@@ -36,6 +36,10 @@ pub struct PoolConfig {
     pub max_uses: Option<u64>,
     /// Destroy a VM this long after it booted (`None`: never).
     pub ttl: Option<Duration>,
+    /// Check idle VMs this often (a ping, and the hypervisor's view of
+    /// the VM); one that died or grew too old while idle is replaced before
+    /// anyone acquires it (`None`: only when they are handed back).
+    pub health_interval: Option<Duration>,
     /// What each VM looks like.
     pub spec: VmSpec,
 }
@@ -48,6 +52,7 @@ impl PoolConfig {
             max_size: size,
             max_uses: None,
             ttl: None,
+            health_interval: None,
             spec,
         }
     }
@@ -220,7 +225,83 @@ impl VmPool {
             }),
         };
         pool.replenish();
+        if let Some(every) = pool.inner.config.health_interval {
+            pool.spawn_health_checks(every);
+        }
         Ok(pool)
+    }
+
+    /// Every `every`, checks each idle VM (alive, agent answers, younger
+    /// than the TTL) and replaces those that fail, so nobody acquires a VM
+    /// that died while it waited. Stops when the pool is dropped or shut down.
+    fn spawn_health_checks(&self, every: Duration) {
+        let weak = Arc::downgrade(&self.inner);
+        self.inner.runtime.spawn(async move {
+            let mut ticks = tokio::time::interval(every);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            ticks.tick().await;
+            loop {
+                ticks.tick().await;
+                let Some(inner) = weak.upgrade() else { return };
+                let pool = VmPool { inner };
+                if pool.inner.state.lock().expect("pool lock").shutting_down {
+                    return;
+                }
+                pool.check_idle().await;
+            }
+        });
+    }
+
+    /// One round of [`VmPool::spawn_health_checks`].
+    async fn check_idle(&self) {
+        let count = self.inner.state.lock().expect("pool lock").idle.len();
+        for _ in 0..count {
+            let vm = {
+                let mut state = self.inner.state.lock().expect("pool lock");
+                let Some(vm) = state.idle.pop_front() else {
+                    return;
+                };
+                state.reverting += 1;
+                vm
+            };
+            let mut vm = vm;
+            let expired = self.inner.config.ttl.is_some_and(|ttl| vm.age() >= ttl);
+            let verdict = if expired {
+                Err("recycled (ttl)".to_string())
+            } else {
+                vm.health_check().await.map_err(|e| e.to_string())
+            };
+            match verdict {
+                Ok(()) => {
+                    self.inner.state.lock().expect("pool lock").reverting -= 1;
+                    self.offer(vm).await;
+                }
+                Err(reason) => {
+                    tracing::warn!(vm = vm.id(), %reason, "idle VM replaced");
+                    if !expired {
+                        emit(Event::VmCrashed {
+                            vm: vm.id().to_string(),
+                            error: reason.clone(),
+                        });
+                    }
+                    {
+                        let mut state = self.inner.state.lock().expect("pool lock");
+                        state.reverting -= 1;
+                        state.destroyed += 1;
+                        if !expired {
+                            state.failed += 1;
+                        }
+                        state.uses.remove(vm.id());
+                    }
+                    let _ = vm
+                        .destroy_because(if expired { "recycled" } else { "broken" })
+                        .await;
+                    self.replenish();
+                    self.grow_for_waiters();
+                }
+            }
+            self.changed();
+        }
     }
 
     /// The pool's id in events and metrics (`pool-1`, `pool-2`, ... in
@@ -534,7 +615,11 @@ impl VmPool {
                 .await;
             ReleaseOutcome::Recycled
         } else {
-            match vm.revert().await {
+            let reverted = match vm.delete_user_snapshots().await {
+                Ok(_) => vm.revert().await,
+                Err(error) => Err(error),
+            };
+            match reverted {
                 Ok(timings) => match vm.health_check().await {
                     Ok(()) => {
                         {

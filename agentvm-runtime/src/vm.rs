@@ -3,10 +3,18 @@
 //! Lifecycle: [`Vm::boot`] (launch → wait for the guest's Hello → golden
 //! snapshot) → commands and files → [`Vm::revert`] (back to the golden
 //! snapshot, channel resynchronised) → … → [`Vm::destroy`].
+//!
+//! Besides the golden snapshot a test may take named ones
+//! ([`Vm::snapshot`], [`Vm::revert_to`], [`Vm::snapshots`],
+//! [`Vm::delete_snapshot`]); [`Vm::state`] and [`Vm::wait_for_state`] show
+//! the run state.
 
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::backend::{Backend, BackendError, Machine, RestoredMachine, RevertOutcome};
+use crate::backend::{
+    is_valid_snapshot_name, Backend, BackendError, Machine, MachineState, RestoredMachine,
+    RevertOutcome, GOLDEN_SNAPSHOT,
+};
 use crate::client::{ClientError, ExecOutput, ExecStream, GuestClient, ResyncStats};
 use crate::command::Command;
 use crate::events::{emit, Event, ProcessUsage};
@@ -46,6 +54,26 @@ pub enum VmError {
         /// The end of the serial console log.
         serial_tail: String,
     },
+    /// A snapshot name that is not allowed (see [`Vm::snapshot`]).
+    #[error("VM {vm}: {problem}")]
+    InvalidSnapshotName {
+        /// VM id.
+        vm: String,
+        /// What is wrong with the name.
+        problem: String,
+    },
+    /// [`Vm::wait_for_state`] ran out of time.
+    #[error("VM {vm} did not reach state {wanted} within {after:?} (it is {now})")]
+    StateTimeout {
+        /// VM id.
+        vm: String,
+        /// The state waited for.
+        wanted: MachineState,
+        /// The state at the deadline.
+        now: MachineState,
+        /// The deadline.
+        after: Duration,
+    },
     /// The guest stopped answering (the VM is alive but hung).
     #[error("VM {vm}: guest agent stopped answering during {operation} (waited {after:?})\n--- last serial console lines ---\n{serial_tail}")]
     Hung {
@@ -69,6 +97,7 @@ impl VmError {
                 source,
                 ClientError::Closed { .. } | ClientError::Protocol(_) | ClientError::Timeout { .. }
             ),
+            Self::InvalidSnapshotName { .. } => false,
             _ => true,
         }
     }
@@ -124,6 +153,8 @@ pub struct Vm {
     created: Instant,
     reverts: u64,
     last_sample: Option<(f64, SystemTime)>,
+    /// A snapshot besides the golden one may exist (taken through this handle).
+    user_snapshots: bool,
 }
 
 impl std::fmt::Debug for Vm {
@@ -203,6 +234,7 @@ impl Vm {
             created: Instant::now(),
             reverts: 0,
             last_sample: None,
+            user_snapshots: false,
         }))
     }
 
@@ -285,6 +317,7 @@ impl Vm {
                     created: Instant::now(),
                     reverts: 0,
                     last_sample: None,
+                    user_snapshots: false,
                 })
             }
             Err(e) => {
@@ -474,11 +507,114 @@ impl Vm {
         Ok(self.machine.resume().await?)
     }
 
+    /// The VM's run state, as the hypervisor reports it.
+    pub async fn state(&mut self) -> Result<MachineState, VmError> {
+        Ok(self.machine.state().await?)
+    }
+
+    /// Waits until the VM is in `wanted` (polling every 20 ms), at most
+    /// `timeout`; [`VmError::StateTimeout`] names the state it is in then.
+    pub async fn wait_for_state(
+        &mut self,
+        wanted: MachineState,
+        timeout: Duration,
+    ) -> Result<(), VmError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let now = self.machine.state().await?;
+            if now == wanted {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(VmError::StateTimeout {
+                    vm: self.id().to_string(),
+                    wanted,
+                    now,
+                    after: timeout,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Takes a snapshot named `name` (memory + disk) that [`Vm::revert_to`]
+    /// returns to, replacing one of the same name. Names are 1–64 ASCII
+    /// letters, digits, `_`, `-`, `.`, starting with a letter; `golden` is
+    /// the VM's own. The pool deletes a lease's snapshots when it ends.
+    pub async fn snapshot(&mut self, name: &str) -> Result<(), VmError> {
+        self.check_user_snapshot_name(name)?;
+        self.user_snapshots = true;
+        Ok(self.machine.save_snapshot(name).await?)
+    }
+
+    /// The VM's snapshots, oldest first; the golden one is among them.
+    pub async fn snapshots(&mut self) -> Result<Vec<String>, VmError> {
+        Ok(self.machine.snapshot_names().await?)
+    }
+
+    /// Restores snapshot `name` (or `golden`, like [`Vm::revert`]) and
+    /// resynchronises the channel, the guest's clock and its RNG.
+    pub async fn revert_to(&mut self, name: &str) -> Result<RevertTimings, VmError> {
+        if name != GOLDEN_SNAPSHOT {
+            self.check_user_snapshot_name(name)?;
+        }
+        self.load(name).await
+    }
+
+    /// Deletes snapshot `name`. The golden snapshot cannot be deleted.
+    pub async fn delete_snapshot(&mut self, name: &str) -> Result<(), VmError> {
+        self.check_user_snapshot_name(name)?;
+        Ok(self.machine.delete_snapshot(name).await?)
+    }
+
+    /// Deletes every snapshot but the golden one (the pool calls this when
+    /// a lease ends, so one test's snapshots never reach the next).
+    pub async fn delete_user_snapshots(&mut self) -> Result<usize, VmError> {
+        if !self.user_snapshots {
+            return Ok(0);
+        }
+        let names = self.machine.snapshot_names().await?;
+        let mut deleted = 0;
+        for name in names.iter().filter(|n| *n != GOLDEN_SNAPSHOT) {
+            self.machine.delete_snapshot(name).await?;
+            deleted += 1;
+        }
+        self.user_snapshots = false;
+        Ok(deleted)
+    }
+
+    fn check_user_snapshot_name(&self, name: &str) -> Result<(), VmError> {
+        let problem = if name == GOLDEN_SNAPSHOT {
+            "the golden snapshot is the VM's own: it cannot be taken, replaced or deleted \
+             (use revert() to return to it)"
+                .to_string()
+        } else if !is_valid_snapshot_name(name) {
+            format!(
+                "invalid snapshot name {name:?}: use 1-64 ASCII letters, digits, '_', '-', '.', \
+                 starting with a letter"
+            )
+        } else {
+            return Ok(());
+        };
+        Err(VmError::InvalidSnapshotName {
+            vm: self.id().to_string(),
+            problem,
+        })
+    }
+
     /// Restores the golden snapshot and resynchronises the control channel:
     /// afterwards the VM is exactly as it was right after boot.
     pub async fn revert(&mut self) -> Result<RevertTimings, VmError> {
+        self.load(GOLDEN_SNAPSHOT).await
+    }
+
+    async fn load(&mut self, name: &str) -> Result<RevertTimings, VmError> {
         let start = Instant::now();
-        let outcome = self.machine.revert_golden().await?;
+        let outcome = if name == GOLDEN_SNAPSHOT {
+            self.machine.revert_golden().await?
+        } else {
+            self.machine.load_snapshot(name).await?
+        };
         let restore = start.elapsed();
         if outcome == RevertOutcome::ChannelReset {
             let stream = self.machine.connect_channel().await?;

@@ -32,6 +32,7 @@ fn config(min_size: usize, max_size: usize) -> PoolConfig {
         max_size,
         max_uses: None,
         ttl: None,
+        health_interval: None,
         spec: spec(),
     }
 }

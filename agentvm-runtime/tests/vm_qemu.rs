@@ -139,3 +139,98 @@ async fn vms_started_from_one_cache_entry_have_distinct_randomness() {
         );
     }
 }
+
+fn pool_config(
+    max_uses: Option<u64>,
+    ttl: Option<std::time::Duration>,
+    health_interval: Option<std::time::Duration>,
+) -> agentvm_runtime::pool::PoolConfig {
+    agentvm_runtime::pool::PoolConfig {
+        max_uses,
+        ttl,
+        health_interval,
+        ..agentvm_runtime::pool::PoolConfig::fixed(1, vm_suite::spec())
+    }
+}
+
+const LONG: std::time::Duration = std::time::Duration::from_secs(180);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pool_replaces_a_vm_after_max_uses() {
+    use agentvm_runtime::pool::{ReleaseOutcome, VmPool};
+    let pool = VmPool::new(backend(), pool_config(Some(2), None, None)).unwrap();
+    let lease = pool.acquire(LONG).await.unwrap();
+    let first = lease.id().to_string();
+    let outcome = lease.release().await.unwrap();
+    assert!(
+        matches!(outcome, ReleaseOutcome::Reverted(_)),
+        "{outcome:?}"
+    );
+    let lease = pool.acquire(LONG).await.unwrap();
+    assert_eq!((lease.id(), lease.uses()), (first.as_str(), 2));
+    assert_eq!(lease.release().await.unwrap(), ReleaseOutcome::Recycled);
+    let lease = pool.acquire(LONG).await.unwrap();
+    assert_ne!(lease.id(), first, "a new VM after 2 uses");
+    drop(lease);
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pool_replaces_a_vm_past_its_ttl_even_while_idle() {
+    use agentvm_runtime::pool::{ReleaseOutcome, VmPool};
+    let ttl = std::time::Duration::from_secs(2);
+    let pool = VmPool::new(backend(), pool_config(None, Some(ttl), None)).unwrap();
+    let lease = pool.acquire(LONG).await.unwrap();
+    let first = lease.id().to_string();
+    tokio::time::sleep(ttl).await;
+    assert_eq!(lease.release().await.unwrap(), ReleaseOutcome::Recycled);
+    pool.shutdown().await;
+
+    // Idle: the health checks retire it without anyone acquiring it.
+    let every = std::time::Duration::from_millis(200);
+    let pool = VmPool::new(backend(), pool_config(None, Some(ttl), Some(every))).unwrap();
+    pool.wait_ready(LONG).await.unwrap();
+    let lease = pool.acquire(LONG).await.unwrap();
+    let second = lease.id().to_string();
+    assert_ne!(second, first);
+    lease.release().await.unwrap();
+    let deadline = std::time::Instant::now() + LONG;
+    while pool.status().destroyed == 0 {
+        assert!(std::time::Instant::now() < deadline, "{}", pool.status());
+        tokio::time::sleep(every).await;
+    }
+    let lease = pool.acquire(LONG).await.unwrap();
+    assert_ne!(lease.id(), second, "replaced while idle");
+    assert_eq!(pool.status().failed, 0, "recycled, not failed");
+    drop(lease);
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pool_replaces_a_vm_that_died_while_idle() {
+    use agentvm_runtime::pool::VmPool;
+    let every = std::time::Duration::from_millis(200);
+    let pool = VmPool::new(backend(), pool_config(None, None, Some(every))).unwrap();
+    let lease = pool.acquire(LONG).await.unwrap();
+    let dead = lease.id().to_string();
+    let pid = lease.host_pid().expect("QEMU has a pid");
+    lease.release().await.unwrap();
+    assert_eq!(pool.status().available, 1);
+    // SIGKILL the idle VM's QEMU behind the pool's back.
+    assert!(std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let deadline = std::time::Instant::now() + LONG;
+    while pool.status().failed == 0 {
+        assert!(std::time::Instant::now() < deadline, "{}", pool.status());
+        tokio::time::sleep(every).await;
+    }
+    let mut lease = pool.acquire(LONG).await.unwrap();
+    assert_ne!(lease.id(), dead);
+    let (code, out, _) = vm_suite::sh(&mut lease, "echo alive").await;
+    assert_eq!((code, out.as_str()), (0, "alive\n"));
+    drop(lease);
+    pool.shutdown().await;
+}

@@ -13,7 +13,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::io::DuplexStream;
 
-use super::{Backend, BackendError, BoxedChannel, Machine, RevertOutcome};
+use super::{Backend, BackendError, BoxedChannel, Machine, MachineState, RevertOutcome};
 use crate::protocol::{
     Ack, ChangeList, ExitReport, ExitStatus, FrameReader, FrameWriter, Hello, Message, OutputChunk,
     OutputStream, Pong, ResourceUsage, PROTOCOL_VERSION,
@@ -91,6 +91,8 @@ impl Backend for MockBackend {
             guest: None,
             destroyed: false,
             crashed: false,
+            paused: false,
+            snapshots: Vec::new(),
         }))
     }
 }
@@ -103,9 +105,19 @@ pub struct MockMachine {
     guest: Option<tokio::task::JoinHandle<()>>,
     destroyed: bool,
     crashed: bool,
+    paused: bool,
+    snapshots: Vec<String>,
 }
 
 impl MockMachine {
+    fn no_snapshot(&self, operation: &str, name: &str) -> BackendError {
+        BackendError::Control {
+            vm: self.id.clone(),
+            operation: operation.into(),
+            message: format!("no snapshot named {name:?}"),
+        }
+    }
+
     fn crashed(&self) -> BackendError {
         BackendError::Crashed {
             vm: self.id.clone(),
@@ -130,7 +142,44 @@ impl Machine for MockMachine {
     }
 
     async fn snapshot_golden(&mut self) -> Result<(), BackendError> {
+        self.save_snapshot(super::GOLDEN_SNAPSHOT).await
+    }
+
+    async fn save_snapshot(&mut self, name: &str) -> Result<(), BackendError> {
+        self.snapshots.retain(|n| n != name);
+        self.snapshots.push(name.to_owned());
         Ok(())
+    }
+
+    async fn load_snapshot(&mut self, name: &str) -> Result<RevertOutcome, BackendError> {
+        if !self.snapshots.iter().any(|n| n == name) {
+            return Err(self.no_snapshot("loadvm", name));
+        }
+        Ok(RevertOutcome::ChannelKept)
+    }
+
+    async fn delete_snapshot(&mut self, name: &str) -> Result<(), BackendError> {
+        if !self.snapshots.iter().any(|n| n == name) {
+            return Err(self.no_snapshot("delvm", name));
+        }
+        self.snapshots.retain(|n| n != name);
+        Ok(())
+    }
+
+    async fn snapshot_names(&mut self) -> Result<Vec<String>, BackendError> {
+        Ok(self.snapshots.clone())
+    }
+
+    async fn state(&mut self) -> Result<MachineState, BackendError> {
+        Ok(if self.destroyed {
+            MachineState::ShutOff
+        } else if self.crashed || self.control.crash_all.load(Ordering::SeqCst) {
+            MachineState::Crashed
+        } else if self.paused {
+            MachineState::Paused
+        } else {
+            MachineState::Running
+        })
     }
 
     async fn revert_golden(&mut self) -> Result<RevertOutcome, BackendError> {
@@ -149,10 +198,12 @@ impl Machine for MockMachine {
     }
 
     async fn pause(&mut self) -> Result<(), BackendError> {
+        self.paused = true;
         Ok(())
     }
 
     async fn resume(&mut self) -> Result<(), BackendError> {
+        self.paused = false;
         Ok(())
     }
 

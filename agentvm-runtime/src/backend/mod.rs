@@ -186,6 +186,18 @@ pub trait Machine: Send + Sync {
     /// reconnected (the old one is dead).
     async fn revert_golden(&mut self) -> Result<RevertOutcome, BackendError>;
 
+    /// Takes a named snapshot (memory + disk) beside the golden one; one of
+    /// the same name is replaced. The caller checks the name
+    /// ([`is_valid_snapshot_name`]) and keeps the golden name for itself.
+    async fn save_snapshot(&mut self, name: &str) -> Result<(), BackendError>;
+    /// Restores a named snapshot, like [`Machine::revert_golden`].
+    async fn load_snapshot(&mut self, name: &str) -> Result<RevertOutcome, BackendError>;
+    /// Deletes a named snapshot.
+    async fn delete_snapshot(&mut self, name: &str) -> Result<(), BackendError>;
+    /// The names of the VM's snapshots (the golden one included), oldest first.
+    async fn snapshot_names(&mut self) -> Result<Vec<String>, BackendError>;
+    /// The VM's run state. A VM that is gone is `ShutOff` or `Crashed`, not an error.
+    async fn state(&mut self) -> Result<MachineState, BackendError>;
     /// Pauses the vCPUs.
     async fn pause(&mut self) -> Result<(), BackendError>;
 
@@ -215,6 +227,45 @@ pub trait Machine: Send + Sync {
     fn host_pid(&self) -> Option<u32> {
         None
     }
+}
+
+/// Name of every VM's golden snapshot (taken after boot, restored by
+/// [`Machine::revert_golden`]).
+pub const GOLDEN_SNAPSHOT: &str = "golden";
+
+/// A VM's run state, as its hypervisor reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MachineState {
+    /// The vCPUs run.
+    Running,
+    /// The vCPUs are stopped (paused, or busy saving or loading a snapshot).
+    Paused,
+    /// The guest powered itself off, or the VM was destroyed.
+    ShutOff,
+    /// The guest kernel panicked or the hypervisor failed.
+    Crashed,
+}
+
+impl std::fmt::Display for MachineState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Running => "running",
+            Self::Paused => "paused",
+            Self::ShutOff => "shut off",
+            Self::Crashed => "crashed",
+        })
+    }
+}
+
+/// Whether `name` may name a snapshot the user takes: 1 to 64 ASCII
+/// letters, digits, `_`, `-` or `.`, starting with a letter (a name of
+/// digits would be taken for a snapshot id by QEMU's monitor).
+pub fn is_valid_snapshot_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name.starts_with(|c: char| c.is_ascii_alphabetic())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
 }
 
 /// What a revert did to the control channel.

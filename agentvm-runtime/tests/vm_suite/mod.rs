@@ -394,6 +394,57 @@ macro_rules! vm_suite_tests {
             drop(lease);
             pool.shutdown().await;
         }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn run_states_and_named_snapshots() {
+            use agentvm_runtime::backend::MachineState;
+            let mut vm = boot().await;
+            assert_eq!(vm.state().await.unwrap(), MachineState::Running);
+            vm.pause().await.unwrap();
+            vm.wait_for_state(MachineState::Paused, Duration::from_secs(10)).await.unwrap();
+            let err = vm
+                .wait_for_state(MachineState::Running, Duration::from_millis(100))
+                .await
+                .unwrap_err();
+            assert!(matches!(err, VmError::StateTimeout { .. }), "{err}");
+            vm.resume().await.unwrap();
+            vm.wait_for_state(MachineState::Running, Duration::from_secs(10)).await.unwrap();
+
+            sh(&mut vm, "echo a > /workspace/a").await;
+            vm.snapshot("with-a").await.unwrap();
+            sh(&mut vm, "echo b > /workspace/b; rm /workspace/a").await;
+            assert_eq!(vm.snapshots().await.unwrap(), ["golden", "with-a"]);
+            let timings = vm.revert_to("with-a").await.unwrap();
+            assert!(timings.resync.reseeded, "{timings:?}");
+            let (_, out, _) = sh(&mut vm, "ls /workspace").await;
+            assert_eq!(out, "a\n", "back at the named snapshot");
+            // The golden snapshot is the VM's own; bad names are refused.
+            for bad in ["golden", "1abc", "has space", ""] {
+                let err = vm.snapshot(bad).await.unwrap_err();
+                assert!(matches!(err, VmError::InvalidSnapshotName { .. }), "{bad:?}: {err}");
+                assert!(!err.vm_is_broken());
+            }
+            assert!(vm.delete_snapshot("golden").await.is_err());
+            vm.delete_snapshot("with-a").await.unwrap();
+            assert_eq!(vm.snapshots().await.unwrap(), ["golden"]);
+            assert!(vm.revert_to("with-a").await.is_err(), "deleted");
+            vm.revert().await.unwrap();
+            let (_, out, _) = sh(&mut vm, "ls /workspace").await;
+            assert_eq!(out, "");
+            vm.destroy().await.unwrap();
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_leases_snapshots_do_not_reach_the_next_lease() {
+            let pool = VmPool::new(backend(), PoolConfig::fixed(1, spec())).unwrap();
+            let mut lease = pool.acquire(Duration::from_secs(180)).await.unwrap();
+            lease.snapshot("mine").await.unwrap();
+            lease.release().await.unwrap();
+            let mut lease = pool.acquire(Duration::from_secs(180)).await.unwrap();
+            assert_eq!(lease.snapshots().await.unwrap(), ["golden"]);
+            drop(lease);
+            pool.shutdown().await;
+        }
         }
     };
 }

@@ -85,11 +85,10 @@ use self::domain_xml::{DomainParams, Owner, DOMAIN_PREFIX, EGRESS_FILTER, NAT_NE
 use super::qemu::accel::{self, AccelDecision, ResolvedAccel};
 use super::qemu::rundir::{self, ProcessStamp, VmPaths};
 use super::qemu::{argv, find_program};
-use super::{Backend, BackendError, BoxedChannel, Machine, RevertOutcome};
+use super::{Backend, BackendError, BoxedChannel, Machine, MachineState, RevertOutcome};
 use crate::spec::{Accel, NetworkMode, VmSpec};
 
-/// Name of the golden snapshot.
-pub const GOLDEN_SNAPSHOT: &str = "golden";
+pub use super::GOLDEN_SNAPSHOT;
 /// Selects the revert path: `loadvm` (default) or `snapshot`.
 pub const REVERT_ENV: &str = "AGENT_VM_LIBVIRT_REVERT";
 const RETRY: Duration = Duration::from_millis(10);
@@ -550,15 +549,6 @@ impl LibvirtMachine {
         Ok(list)
     }
 
-    /// Deletes a snapshot (its state in the qcow2 and its metadata).
-    pub async fn delete_snapshot(&mut self, name: &str) -> Result<(), BackendError> {
-        let n = name.to_owned();
-        self.on_domain("virDomainSnapshotDelete", move |d| {
-            Domain::lookup_snapshot_by_name(d, &n, 0)?.delete(0)
-        })
-        .await
-    }
-
     /// Reverts to a snapshot by the given path.
     pub async fn revert_to_snapshot(
         &mut self,
@@ -782,6 +772,63 @@ impl Machine for LibvirtMachine {
     async fn revert_golden(&mut self) -> Result<RevertOutcome, BackendError> {
         self.revert_to_snapshot(GOLDEN_SNAPSHOT, self.revert_path)
             .await
+    }
+
+    async fn save_snapshot(&mut self, name: &str) -> Result<(), BackendError> {
+        // libvirt refuses a second snapshot of one name: replace it.
+        if self.snapshot_names().await?.iter().any(|n| n == name) {
+            self.delete_snapshot(name).await?;
+        }
+        self.create_snapshot(name, "agentvm snapshot taken by a test")
+            .await
+            .map(drop)
+    }
+
+    async fn load_snapshot(&mut self, name: &str) -> Result<RevertOutcome, BackendError> {
+        if !self.snapshot_names().await?.iter().any(|n| n == name) {
+            return Err(control(
+                &self.id,
+                "revert",
+                format!("no snapshot named {name:?}"),
+            ));
+        }
+        self.revert_to_snapshot(name, self.revert_path).await
+    }
+
+    /// Deletes a snapshot (its state in the qcow2 and its metadata).
+    async fn delete_snapshot(&mut self, name: &str) -> Result<(), BackendError> {
+        let n = name.to_owned();
+        self.on_domain("virDomainSnapshotDelete", move |d| {
+            Domain::lookup_snapshot_by_name(d, &n, 0)?.delete(0)
+        })
+        .await
+    }
+
+    async fn snapshot_names(&mut self) -> Result<Vec<String>, BackendError> {
+        Ok(self
+            .list_snapshots()
+            .await?
+            .into_iter()
+            .map(|s| s.name)
+            .collect())
+    }
+
+    async fn state(&mut self) -> Result<MachineState, BackendError> {
+        if self.destroyed {
+            return Ok(MachineState::ShutOff);
+        }
+        Ok(match self.domain_state().await? {
+            Ok((Enum::Known(DomainState::Running | DomainState::Blocked), _)) => {
+                MachineState::Running
+            }
+            Ok((Enum::Known(DomainState::Shutoff | DomainState::Shutdown), _)) => {
+                MachineState::ShutOff
+            }
+            Ok((Enum::Known(DomainState::Crashed), _)) => MachineState::Crashed,
+            Ok(_) => MachineState::Paused,
+            Err(e) if is_no_domain(&e) => MachineState::ShutOff,
+            Err(e) => return Err(control(&self.id, "virDomainGetState", e.to_string())),
+        })
     }
 
     async fn pause(&mut self) -> Result<(), BackendError> {

@@ -42,12 +42,13 @@ use self::process::{describe_exit, QemuProcess};
 use self::qmp::{QmpClient, QmpError};
 use self::rundir::VmPaths;
 use self::transport::{Transport, TransportDecision};
-use super::{Backend, BackendError, BoxedChannel, Machine, RestoredMachine, RevertOutcome};
+use super::{
+    Backend, BackendError, BoxedChannel, Machine, MachineState, RestoredMachine, RevertOutcome,
+};
 use crate::protocol::{Hello, PROTOCOL_VERSION};
 use crate::spec::{Accel, VmSpec};
 
-/// Name of the golden snapshot inside the state qcow2.
-pub const GOLDEN_SNAPSHOT: &str = "golden";
+pub use super::GOLDEN_SNAPSHOT;
 /// Serial console lines put into [`BackendError::Crashed`]: at least the
 /// last 30, back to the panic message if it is within the last 150.
 const CRASH_TAIL_LINES: (usize, usize) = (30, 150);
@@ -615,16 +616,17 @@ impl QemuMachine {
         }
     }
 
-    async fn hmp(&mut self, command_line: &str) -> Result<(), BackendError> {
+    async fn hmp(&mut self, command_line: &str) -> Result<String, BackendError> {
         let started = Instant::now();
         let after = self.timeouts.snapshot;
         let line = command_line.to_owned();
-        self.qmp_call(command_line, after, move |q| {
-            Box::pin(async move { q.hmp(&line).await })
-        })
-        .await?;
+        let output = self
+            .qmp_call(command_line, after, move |q| {
+                Box::pin(async move { q.hmp(&line).await })
+            })
+            .await?;
         tracing::debug!(vm = %self.id, command = command_line, elapsed = ?started.elapsed(), "HMP done");
-        Ok(())
+        Ok(output)
     }
 
     /// Moves or deletes the serial log and removes the directory; keeps a tail in memory.
@@ -699,7 +701,60 @@ impl Machine for QemuMachine {
     }
 
     async fn snapshot_golden(&mut self) -> Result<(), BackendError> {
-        self.hmp(&format!("savevm {GOLDEN_SNAPSHOT}")).await
+        self.save_snapshot(GOLDEN_SNAPSHOT).await
+    }
+
+    async fn save_snapshot(&mut self, name: &str) -> Result<(), BackendError> {
+        self.hmp(&format!("savevm {name}")).await.map(drop)
+    }
+
+    async fn load_snapshot(&mut self, name: &str) -> Result<RevertOutcome, BackendError> {
+        // loadvm restores the run state the VM had before the command: a
+        // paused VM stays paused. A failed loadvm leaves QEMU in `restore-vm`
+        // (unusable): check_alive then reports it as dead — so look first.
+        if name != GOLDEN_SNAPSHOT && !self.snapshot_names().await?.iter().any(|n| n == name) {
+            return Err(control(
+                &self.id,
+                "loadvm",
+                format!("no snapshot named {name:?}"),
+            ));
+        }
+        self.hmp(&format!("loadvm {name}")).await?;
+        Ok(RevertOutcome::ChannelKept)
+    }
+
+    async fn delete_snapshot(&mut self, name: &str) -> Result<(), BackendError> {
+        if !self.snapshot_names().await?.iter().any(|n| n == name) {
+            return Err(control(
+                &self.id,
+                "delvm",
+                format!("no snapshot named {name:?}"),
+            ));
+        }
+        self.hmp(&format!("delvm {name}")).await.map(drop)
+    }
+
+    async fn snapshot_names(&mut self) -> Result<Vec<String>, BackendError> {
+        let listing = self.hmp("info snapshots").await?;
+        Ok(qmp::snapshot_tags(&listing))
+    }
+
+    async fn state(&mut self) -> Result<MachineState, BackendError> {
+        if self.destroyed {
+            return Ok(MachineState::ShutOff);
+        }
+        if self.exited_error().is_some() {
+            let hint = rundir::guest_end_hint(&self.serial_tail(KEPT_TAIL_LINES));
+            return Ok(match hint {
+                Some("guest powered off") => MachineState::ShutOff,
+                _ => MachineState::Crashed,
+            });
+        }
+        let after = self.timeouts.control;
+        let status = self
+            .qmp_call("query-status", after, |q| Box::pin(q.query_status()))
+            .await?;
+        Ok(qmp::machine_state(&status.status))
     }
 
     async fn share_golden(&mut self, hello: &Hello) -> Result<(), BackendError> {
@@ -730,11 +785,7 @@ impl Machine for QemuMachine {
     }
 
     async fn revert_golden(&mut self) -> Result<RevertOutcome, BackendError> {
-        // loadvm restores the run state the VM had before the command: a
-        // paused VM stays paused. A failed loadvm leaves QEMU in `restore-vm`
-        // (unusable): check_alive then reports it as dead.
-        self.hmp(&format!("loadvm {GOLDEN_SNAPSHOT}")).await?;
-        Ok(RevertOutcome::ChannelKept)
+        self.load_snapshot(GOLDEN_SNAPSHOT).await
     }
 
     async fn pause(&mut self) -> Result<(), BackendError> {

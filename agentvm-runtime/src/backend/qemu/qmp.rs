@@ -22,6 +22,8 @@ use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
 
+use crate::backend::MachineState;
+
 /// Longest QMP line accepted (HMP `info` output can be long; events are small).
 const MAX_LINE: usize = 4 << 20;
 /// Events kept before the oldest are dropped.
@@ -162,6 +164,32 @@ pub fn status_is_dead(status: &str) -> bool {
         status,
         "guest-panicked" | "shutdown" | "internal-error" | "io-error" | "restore-vm"
     )
+}
+
+/// The run state behind a `query-status` status.
+pub fn machine_state(status: &str) -> MachineState {
+    match status {
+        "running" => MachineState::Running,
+        "shutdown" => MachineState::ShutOff,
+        "guest-panicked" | "internal-error" | "io-error" => MachineState::Crashed,
+        // paused, prelaunch, save-vm, restore-vm, inmigrate, postmigrate, ...
+        _ => MachineState::Paused,
+    }
+}
+
+/// The loadable snapshots' tags in HMP `info snapshots` output: the
+/// second column of each row of the first table (those present on all
+/// disks; QEMU prints `--` as their id), up to the blank line before a
+/// table of partial ones.
+pub fn snapshot_tags(listing: &str) -> Vec<String> {
+    listing
+        .lines()
+        .skip_while(|l| !l.trim_start().starts_with("ID "))
+        .skip(1)
+        .take_while(|l| !l.trim().is_empty())
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .map(str::to_owned)
+        .collect()
 }
 
 /// Whether an event means the guest is going away.
@@ -552,5 +580,28 @@ mod tests {
             qmp.execute("cont", None).await,
             Err(QmpError::Closed)
         ));
+    }
+
+    #[test]
+    fn snapshot_tags_of_info_snapshots() {
+        let listing = "List of snapshots present on all disks:\n\
+ID        TAG               VM SIZE                DATE     VM CLOCK     ICOUNT\n\
+--        golden           91.2 MiB 2026-12-04 04:20:00 00:00:02.500\n\
+--        with-a           91.3 MiB 2026-12-04 04:21:00 00:00:09.100\n\
+\n\
+List of partial (non-loadable) snapshots on 'st':\n\
+ID        TAG               VM SIZE                DATE     VM CLOCK     ICOUNT\n\
+1         stray                 0 B 2026-12-04 04:22:00 00:00:00.000\n";
+        assert_eq!(snapshot_tags(listing), ["golden", "with-a"]);
+        assert!(snapshot_tags("There is no snapshot available.\n").is_empty());
+    }
+
+    #[test]
+    fn run_states_of_query_status() {
+        assert_eq!(machine_state("running"), MachineState::Running);
+        assert_eq!(machine_state("paused"), MachineState::Paused);
+        assert_eq!(machine_state("save-vm"), MachineState::Paused);
+        assert_eq!(machine_state("shutdown"), MachineState::ShutOff);
+        assert_eq!(machine_state("guest-panicked"), MachineState::Crashed);
     }
 }
