@@ -31,4 +31,10 @@ $SUDO apt-get install -y -qq --no-install-recommends "${qemu_release[@]}" \
 $SUDO apt-get install -y -qq --no-install-recommends \
     busybox-static cpio pkg-config ca-certificates file gcc libc6-dev
 
+# QEMU runs as this unprivileged user when the harness runs as root
+# (agentvm-runtime's qemu::jail); idempotent.
+if [ "$(id -u)" -eq 0 ] && ! id agentvm-qemu >/dev/null 2>&1; then
+    useradd --system --no-create-home --shell /usr/sbin/nologin agentvm-qemu
+fi
+
 echo "installed: $(qemu-system-x86_64 --version | head -1)"

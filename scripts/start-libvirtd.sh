@@ -40,13 +40,21 @@ installed_now=0
 for p in $PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing="$missing $p"
 done
+# QEMU from bookworm-backports wants libvirt from there too; a libvirt0 9.0
+# from bookworm (e.g. pulled in by `apt-get install libvirt-dev`) is
+# upgraded with the rest rather than matched.
+qemu_ver=$(dpkg-query -W -f='${Version}' qemu-system-x86 2>/dev/null || true)
+libvirt0_ver=$(dpkg-query -W -f='${Version}' libvirt0 2>/dev/null || true)
+case "$qemu_ver:$libvirt0_ver" in
+    *bpo12*:*bpo12* | *bpo12*:) ;;
+    *bpo12*:*) missing="$PKGS libvirt0" ;;
+esac
 if [ -n "$missing" ]; then
     [ "${NO_INSTALL:-0}" = 1 ] && die "missing packages:$missing (NO_INSTALL=1)"
     say "installing:$missing"
     export DEBIAN_FRONTEND=noninteractive
     apt_args=""
-    libvirt0_ver=$(dpkg-query -W -f='${Version}' libvirt0 2>/dev/null || true)
-    if [ -n "$libvirt0_ver" ]; then
+    if [ -n "$libvirt0_ver" ] && [ "$missing" != "$PKGS libvirt0" ]; then
         # Pin the libvirt packages to the installed libvirt0 version.
         pinned=""
         for p in $missing; do
@@ -59,7 +67,6 @@ if [ -n "$missing" ]; then
     else
         # No libvirt yet: take it from the release QEMU came from (install-deps.sh
         # takes QEMU from bookworm-backports; libvirt 9.0 predates QEMU 10).
-        qemu_ver=$(dpkg-query -W -f='${Version}' qemu-system-x86 2>/dev/null || true)
         case $qemu_ver in
             *bpo12*) apt_args="-t bookworm-backports" ;;
         esac

@@ -96,6 +96,7 @@ pub async fn run(boot: bool) -> Result<ExitCode> {
     if let Ok(config) = &config {
         checks.push(image_check(config));
         checks.push(runtime_dir_check());
+        checks.extend(jail_checks(config));
         checks.push(libvirt_check(config.libvirt_uri.as_deref()));
         if boot {
             checks.push(boot_check(config).await);
@@ -185,6 +186,53 @@ fn image_check(config: &AgentVmConfig) -> Check {
             agentvm_runtime::image::build_command(&config.image),
         ),
     }
+}
+
+/// What each QEMU runs under here: seccomp, its user, its cgroup.
+fn jail_checks(config: &AgentVmConfig) -> Vec<Check> {
+    let Ok(backend) = QemuBackend::new(QemuConfig::default()) else {
+        return Vec::new();
+    };
+    let jail = backend.jail();
+    let mut checks = vec![Check::ok("seccomp", "-sandbox on with every deny group")];
+    checks.push(match (&jail.user, &jail.user_unavailable) {
+        (Some(user), _) => {
+            let readable = locate_image(&config.image, &config.image_dir)
+                .map(|img| jail.check_readable(&[img.kernel.as_path(), img.initramfs.as_path()]));
+            match readable {
+                Ok(Err(path)) => Check::warn(
+                    "qemu user",
+                    format!(
+                        "QEMU runs as root: {} cannot read {}",
+                        user.name,
+                        path.display()
+                    ),
+                    format!("chmod o+rx {} (and o+r the image files)", path.display()),
+                ),
+                _ => Check::ok(
+                    "qemu user",
+                    format!("QEMU runs as {} (uid {})", user.name, user.uid),
+                ),
+            }
+        }
+        (None, Some(why)) => Check::warn("qemu user", "QEMU runs as root", why.clone()),
+        (None, None) => Check::ok("qemu user", "QEMU runs as your own unprivileged user"),
+    });
+    checks.push(match &jail.cgroup {
+        Ok(parent) => Check::ok(
+            "cgroup",
+            format!(
+                "each VM in {}/<vm> with memory, pids and cpu limits",
+                parent.dir.display()
+            ),
+        ),
+        Err(why) => Check::warn(
+            "cgroup",
+            format!("no per-VM cgroup: {why}"),
+            "run on a cgroup v2 host that delegates memory, pids and cpu",
+        ),
+    });
+    checks
 }
 
 fn runtime_dir_check() -> Check {

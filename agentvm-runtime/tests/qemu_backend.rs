@@ -630,7 +630,7 @@ async fn qemu_dies_with_its_owner_process() {
         // Spawned from a tokio task on whatever thread; the supervisor thread forks.
         let log =
             std::env::temp_dir().join(format!("agentvm-owner-helper-{}.log", std::process::id()));
-        let child = QemuProcess::spawn(Path::new("/bin/sleep"), &["300".into()], &log)
+        let child = QemuProcess::spawn(Path::new("/bin/sleep"), &["300".into()], &log, None)
             .await
             .unwrap();
         println!("SPAWNED {}", child.pid());

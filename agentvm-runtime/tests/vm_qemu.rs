@@ -234,3 +234,76 @@ async fn the_pool_replaces_a_vm_that_died_while_idle() {
     drop(lease);
     pool.shutdown().await;
 }
+
+/// The QEMU of a VM runs under seccomp, and — when the harness is root, the
+/// QEMU user exists and can read the image — as that user.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_runs_under_seccomp_as_its_own_user() {
+    let backend = QemuBackend::new(QemuConfig::default()).unwrap();
+    let spec = vm_suite::spec();
+    let jail = backend.jail().clone();
+    let vm = Vm::boot(&backend, spec.clone()).await.unwrap();
+    let pid = vm.host_pid().expect("a QEMU pid");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.split_whitespace().next().unwrap_or("").to_owned())
+            .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
+    };
+    assert_eq!(field("Seccomp:"), "2", "seccomp filter mode");
+    let uid: u32 = field("Uid:").parse().unwrap();
+    let ours = rustix_uid();
+    let readable = jail
+        .check_readable(&[spec.image.kernel.as_path(), spec.image.initramfs.as_path()])
+        .is_ok();
+    match &jail.user {
+        Some(user) if readable => assert_eq!(uid, user.uid, "QEMU runs as {}", user.name),
+        Some(_) => assert_eq!(uid, 0, "root, because the image is not readable by others"),
+        None => {
+            assert_eq!(uid, ours);
+            if ours == 0 {
+                assert!(jail.user_unavailable.is_some(), "{jail:?}");
+            }
+        }
+    }
+    eprintln!("jail: {}", jail.describe().join("; "));
+    vm.destroy().await.unwrap();
+}
+
+fn rustix_uid() -> u32 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a host whose /sys/fs/cgroup is cgroup v2 with memory, pids and cpu delegated (these machines mount cgroup v1); run with --ignored there"]
+async fn each_vm_gets_its_own_cgroup_with_the_profiles_limits() {
+    let backend = QemuBackend::new(QemuConfig::default()).unwrap();
+    let parent = backend.jail().cgroup.clone().expect("cgroup v2 delegated");
+    let vm = Vm::boot(&backend, vm_suite::spec()).await.unwrap();
+    let dir = parent.dir.join(vm.id());
+    let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap();
+    assert!(
+        procs
+            .lines()
+            .any(|p| p == vm.host_pid().unwrap().to_string()),
+        "{procs}"
+    );
+    let memory: u64 = std::fs::read_to_string(dir.join("memory.max"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        memory,
+        (u64::from(vm_suite::spec().profile.memory_mib()) + 256) << 20
+    );
+    vm.destroy().await.unwrap();
+    assert!(!dir.exists(), "removed with the VM");
+}

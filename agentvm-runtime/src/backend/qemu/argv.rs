@@ -112,6 +112,7 @@ pub fn build_argv(a: &LaunchArgs<'_>) -> Result<Vec<String>, ArgvError> {
         a.spec.profile.memory_mib(),
     )?);
     argv.extend(isolation_args());
+    argv.extend(super::jail::sandbox_args());
     let tsc_khz = match a.accel {
         ResolvedAccel::Tcg => a.host_tsc_khz,
         ResolvedAccel::Kvm => None,
@@ -357,6 +358,8 @@ mod tests {
             "-no-user-config",
             "-nographic",
             "-no-reboot",
+            "-sandbox",
+            "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
             "-kernel",
             "/img/vmlinuz",
             "-initrd",

@@ -22,6 +22,7 @@
 pub mod accel;
 pub mod argv;
 pub mod golden;
+pub mod jail;
 pub mod process;
 pub mod qmp;
 pub mod rundir;
@@ -38,6 +39,7 @@ use tokio::net::UnixStream;
 use self::accel::{AccelDecision, ResolvedAccel};
 use self::argv::{ChannelConfig, LaunchArgs};
 use self::golden::{FileIdentity, GoldenCache};
+use self::jail::{CgroupLimits, Jail};
 use self::process::{describe_exit, QemuProcess};
 use self::qmp::{QmpClient, QmpError};
 use self::rundir::VmPaths;
@@ -124,6 +126,8 @@ pub struct QemuBackend {
     transport: TransportDecision,
     timeouts: QemuTimeouts,
     golden: Option<GoldenCache>,
+    jail: Jail,
+    warned_root: std::sync::Once,
 }
 
 static VM_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -169,7 +173,54 @@ impl QemuBackend {
             transport,
             timeouts: config.timeouts,
             golden,
+            jail: Jail::detect(),
+            warned_root: std::sync::Once::new(),
         })
+    }
+
+    /// The jail QEMU runs in on this host (seccomp, user, cgroup).
+    pub fn jail(&self) -> &Jail {
+        &self.jail
+    }
+
+    /// The user to run a VM's QEMU as, after handing its directory over;
+    /// root (with a one-time warning) when the QEMU user cannot read the image.
+    fn prepare_jail(
+        &self,
+        machine: &QemuMachine,
+        spec: &VmSpec,
+    ) -> Result<Option<(u32, u32)>, BackendError> {
+        let Some(user) = &self.jail.user else {
+            return Ok(None);
+        };
+        let image_files = [spec.image.kernel.as_path(), spec.image.initramfs.as_path()];
+        if let Err(path) = self.jail.check_readable(&image_files) {
+            self.warned_root.call_once(|| {
+                tracing::warn!(
+                    user = %user.name,
+                    path = %path.display(),
+                    "QEMU runs as root: its user cannot read the guest image here \
+                     (make the image directory and its parents world-readable)"
+                );
+            });
+            return Ok(None);
+        }
+        let hand_over = || -> std::io::Result<()> {
+            jail::allow_traversal(&self.root)?;
+            jail::allow_traversal(&self.root.join("vms"))?;
+            jail::hand_over(&machine.paths.dir, user)
+        };
+        hand_over().map_err(|e| {
+            io_error(
+                format!(
+                    "handing {} to user {}",
+                    machine.paths.dir.display(),
+                    user.name
+                ),
+                e,
+            )
+        })?;
+        Ok(Some((user.uid, user.gid)))
     }
 
     /// [`QemuBackend::new`] with the default configuration.
@@ -301,6 +352,7 @@ impl QemuBackend {
             final_tail: None,
             kept_log: None,
             golden_slot: None,
+            cgroup: None,
         };
         let started = Instant::now();
         match state_disk {
@@ -334,7 +386,8 @@ impl QemuBackend {
         let args = argv::build_argv(&launch)
             .map_err(|e| control(&id, "building the QEMU command line", e.to_string()))?;
         tracing::debug!(vm = %id, qemu = %self.qemu.display(), argv = ?args, "starting QEMU");
-        let process = QemuProcess::spawn(&self.qemu, &args, &machine.paths.qemu_log)
+        let run_as = self.prepare_jail(&machine, spec)?;
+        let process = QemuProcess::spawn(&self.qemu, &args, &machine.paths.qemu_log, run_as)
             .await
             .map_err(|e| BackendError::Spawn {
                 what: format!("{} for VM {id}", self.qemu.display()),
@@ -345,6 +398,16 @@ impl QemuBackend {
             })?;
         let pid = process.pid();
         machine.process = Some(process);
+        if let Ok(parent) = &self.jail.cgroup {
+            let limits = CgroupLimits {
+                guest_memory_mib: spec.profile.memory_mib(),
+                vcpus: spec.profile.vcpus(),
+            };
+            let dir = parent
+                .confine(&id, &limits, pid)
+                .map_err(|e| io_error(format!("putting VM {id} into its cgroup"), e))?;
+            machine.cgroup = Some(dir);
+        }
         rundir::write_qemu_pid(&machine.paths, pid).map_err(|source| {
             io_error(
                 format!("writing {}", machine.paths.qemu_pid.display()),
@@ -451,6 +514,8 @@ pub struct QemuMachine {
     /// The golden cache and key this VM's golden snapshot goes to
     /// ([`Machine::share_golden`]); `None` when there is nothing to share.
     golden_slot: Option<(GoldenCache, String)>,
+    /// The VM's cgroup, removed with the VM.
+    cgroup: Option<PathBuf>,
 }
 
 impl QemuMachine {
@@ -871,6 +936,9 @@ impl Machine for QemuMachine {
             }
         }
         let removed = self.remove_files();
+        if let Some(dir) = self.cgroup.take() {
+            jail::remove_cgroup(&dir);
+        }
         self.destroyed = true;
         tracing::debug!(vm = %self.id, "VM destroyed");
         result.and(removed)

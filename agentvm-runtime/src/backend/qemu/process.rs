@@ -149,7 +149,14 @@ pub struct QemuProcess {
 impl QemuProcess {
     /// Starts `program args...` from the supervisor thread, with stdin from
     /// `/dev/null` and stdout/stderr appended to `log`.
-    pub async fn spawn(program: &Path, args: &[String], log: &Path) -> Result<Self, ProcessError> {
+    /// With `run_as` (uid, gid) the child drops to that user (and no
+    /// supplementary groups) before exec.
+    pub async fn spawn(
+        program: &Path,
+        args: &[String],
+        log: &Path,
+        run_as: Option<(u32, u32)>,
+    ) -> Result<Self, ProcessError> {
         let spawn_err = |source| ProcessError::Spawn {
             program: program.display().to_string(),
             source,
@@ -166,6 +173,13 @@ impl QemuProcess {
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err);
+        if let Some((uid, gid)) = run_as {
+            // std drops supplementary groups when a root parent sets a uid.
+            std::os::unix::process::CommandExt::uid(&mut command, uid);
+            std::os::unix::process::CommandExt::gid(&mut command, gid);
+        }
+        // After the uid change (std runs pre_exec hooks last): a credential
+        // change would clear the death signal.
         die_with_parent(&mut command);
         let (reply, response) = oneshot::channel();
         supervisor()?
@@ -311,6 +325,7 @@ mod tests {
             Path::new("/bin/sh"),
             &["-c".into(), "echo out; echo err >&2; exit 3".into()],
             &log,
+            None,
         )
         .await
         .unwrap();
@@ -327,7 +342,7 @@ mod tests {
     #[tokio::test]
     async fn child_runs_in_its_own_process_group() {
         let log = log_path("sleep");
-        let mut p = QemuProcess::spawn(Path::new("/bin/sleep"), &["30".into()], &log)
+        let mut p = QemuProcess::spawn(Path::new("/bin/sleep"), &["30".into()], &log, None)
             .await
             .unwrap();
         let pid = p.pid();
@@ -353,7 +368,7 @@ mod tests {
     #[tokio::test]
     async fn drop_kills_and_reaps() {
         let log = log_path("drop");
-        let p = QemuProcess::spawn(Path::new("/bin/sleep"), &["30".into()], &log)
+        let p = QemuProcess::spawn(Path::new("/bin/sleep"), &["30".into()], &log, None)
             .await
             .unwrap();
         let pid = p.pid();
@@ -369,7 +384,7 @@ mod tests {
     #[tokio::test]
     async fn spawn_error_names_program() {
         let log = log_path("missing");
-        let err = QemuProcess::spawn(Path::new("/nonexistent/qemu"), &[], &log)
+        let err = QemuProcess::spawn(Path::new("/nonexistent/qemu"), &[], &log, None)
             .await
             .unwrap_err();
         assert!(err.to_string().contains("/nonexistent/qemu"), "{err}");
