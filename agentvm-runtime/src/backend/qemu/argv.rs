@@ -117,7 +117,10 @@ pub fn build_argv(a: &LaunchArgs<'_>) -> Result<Vec<String>, ArgvError> {
         ResolvedAccel::Tcg => a.host_tsc_khz,
         ResolvedAccel::Kvm => None,
     };
-    let cmdline = kernel_cmdline(&a.spec.image.cmdline, tsc_khz);
+    let mut cmdline = kernel_cmdline(&a.spec.image.cmdline, tsc_khz);
+    if let Some(word) = channel_cmdline(a.channel) {
+        cmdline = format!("{cmdline} {word}");
+    }
     argv.extend(kernel_args(
         &a.spec.image.kernel,
         &a.spec.image.initramfs,
@@ -212,6 +215,18 @@ pub fn kernel_cmdline(image_cmdline: &str, tsc_khz: Option<u32>) -> String {
         }
     }
     words.join(" ")
+}
+
+/// The vsock port the guest agent listens on (vsock transport).
+pub const VSOCK_PORT: u32 = 1024;
+
+/// What the guest's init needs on the kernel command line to serve this
+/// channel: `agentvm.vsock=<port>` for vsock (virtio-serial is the default).
+pub fn channel_cmdline(channel: ChannelConfig) -> Option<String> {
+    match channel {
+        ChannelConfig::VirtioSerial => None,
+        ChannelConfig::Vsock { .. } => Some(format!("agentvm.vsock={VSOCK_PORT}")),
+    }
 }
 
 /// The serial console into a file.
@@ -423,6 +438,11 @@ mod tests {
         )
         .unwrap();
         assert_eq!(args, ["-device", "vhost-vsock-device,guest-cid=42"]);
+        assert_eq!(
+            channel_cmdline(ChannelConfig::Vsock { guest_cid: 42 }).as_deref(),
+            Some("agentvm.vsock=1024")
+        );
+        assert_eq!(channel_cmdline(ChannelConfig::VirtioSerial), None);
         assert_eq!(
             ChannelConfig::Vsock { guest_cid: 3 }.transport(),
             Transport::Vsock

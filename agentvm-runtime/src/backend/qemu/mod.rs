@@ -344,7 +344,6 @@ impl QemuBackend {
             paths,
             process: None,
             qmp: None,
-            transport: self.transport.transport,
             timeouts: self.timeouts,
             keep_logs_in: self.keep_logs_in.clone(),
             dead: None,
@@ -353,6 +352,7 @@ impl QemuBackend {
             kept_log: None,
             golden_slot: None,
             cgroup: None,
+            vsock_cid: None,
         };
         let started = Instant::now();
         match state_disk {
@@ -373,6 +373,9 @@ impl QemuBackend {
                 guest_cid: transport::guest_cid(std::process::id(), counter),
             },
         };
+        if let ChannelConfig::Vsock { guest_cid } = channel {
+            machine.vsock_cid = Some(guest_cid);
+        }
         let accel = self.resolve_accel(spec.accel);
         let launch = LaunchArgs {
             vm_id: &id,
@@ -501,7 +504,6 @@ pub struct QemuMachine {
     paths: VmPaths,
     process: Option<QemuProcess>,
     qmp: Option<QmpClient>,
-    transport: Transport,
     timeouts: QemuTimeouts,
     keep_logs_in: Option<PathBuf>,
     /// Why the VM is known to be dead (set once, reported by every later call).
@@ -516,9 +518,33 @@ pub struct QemuMachine {
     golden_slot: Option<(GoldenCache, String)>,
     /// The VM's cgroup, removed with the VM.
     cgroup: Option<PathBuf>,
+    /// The guest CID, when the channel is vsock.
+    vsock_cid: Option<u32>,
 }
 
 impl QemuMachine {
+    /// Connects to the guest agent's vsock port, retrying while the guest
+    /// boots (nothing listens yet) until the channel-connect deadline.
+    async fn connect_vsock(&mut self, cid: u32) -> Result<BoxedChannel, BackendError> {
+        let addr = tokio_vsock::VsockAddr::new(cid, argv::VSOCK_PORT);
+        let deadline = Instant::now() + self.timeouts.channel_connect;
+        loop {
+            if let Some(e) = self.exited_error() {
+                return Err(e);
+            }
+            match tokio_vsock::VsockStream::connect(addr).await {
+                Ok(stream) => return Ok(Box::pin(stream)),
+                Err(_) if Instant::now() < deadline => tokio::time::sleep(RETRY).await,
+                Err(e) => {
+                    return Err(io_error(
+                        format!("connecting to vsock CID {cid} port {}", argv::VSOCK_PORT),
+                        e,
+                    ))
+                }
+            }
+        }
+    }
+
     /// The QEMU pid (`None` before spawn).
     pub fn pid(&self) -> Option<u32> {
         self.process.as_ref().map(QemuProcess::pid)
@@ -731,13 +757,8 @@ impl Machine for QemuMachine {
     }
 
     async fn connect_channel(&mut self) -> Result<BoxedChannel, BackendError> {
-        if self.transport == Transport::Vsock {
-            return Err(control(
-                &self.id,
-                "connect_channel",
-                "vsock transport not available in this build (set AGENT_VM_TRANSPORT=serial)"
-                    .into(),
-            ));
+        if let Some(cid) = self.vsock_cid {
+            return self.connect_vsock(cid).await;
         }
         let deadline = Instant::now() + self.timeouts.channel_connect;
         loop {

@@ -1,11 +1,11 @@
 //! Control-channel transport selection: virtio-serial or virtio-vsock.
 //!
 //! virtio-serial (a `virtserialport` backed by a host UNIX socket) works on
-//! every host and is the transport the tests exercise. virtio-vsock needs
-//! `/dev/vhost-vsock` on the host, a vsock-aware guest agent, and a host-side
-//! vsock client; this build has the QEMU argv piece and the selection logic
-//! but no host-side vsock connect ([`VSOCK_CONNECT_SUPPORTED`] is `false`),
-//! so automatic selection never picks vsock yet.
+//! every host. virtio-vsock needs `/dev/vhost-vsock` on the host: QEMU gets
+//! a `vhost-vsock-device` with a per-VM guest CID, the guest's init starts
+//! the agent on vsock port [`super::argv::VSOCK_PORT`] (`agentvm.vsock=` on
+//! the kernel command line), and the host connects with tokio-vsock. The
+//! golden cache needs virtio-serial (a restored VM keeps its saved CID).
 
 use std::fmt;
 use std::path::Path;
@@ -13,9 +13,8 @@ use std::path::Path;
 /// The environment variable that overrides the transport (`serial`, `vsock`, `auto`).
 pub const TRANSPORT_ENV: &str = "AGENT_VM_TRANSPORT";
 
-/// Whether this build can connect to a guest over vsock. Flip when a
-/// vsock client (e.g. tokio-vsock) and a vsock-listening guest agent exist.
-pub const VSOCK_CONNECT_SUPPORTED: bool = false;
+/// Whether this build can connect to a guest over vsock.
+pub const VSOCK_CONNECT_SUPPORTED: bool = true;
 
 /// The host device that vhost-vsock needs.
 pub const VHOST_VSOCK_DEVICE: &str = "/dev/vhost-vsock";
