@@ -3,7 +3,7 @@
 # machine without systemd, as root. Idempotent: a daemon that already answers
 # is left alone.
 #
-# What libvirt 9.0/11.x needs here (measured, see DESIGN.md section 5):
+# What libvirt 9.0/11.x needs here (measured on Debian 12 machines without systemd):
 #   * a `libvirt-qemu` system user and group;
 #   * `user = "root"` / `group = "root"` in /etc/libvirt/qemu.conf;
 #   * /var/log/libvirt/qemu and virtlogd running before libvirtd;

@@ -193,7 +193,7 @@ async fn persistent_boot_failures_fail_acquire_with_the_boot_error() {
 }
 
 #[tokio::test]
-async fn a_crashed_idle_vm_is_not_handed_out_after_revert() {
+async fn a_vm_that_crashed_while_leased_is_destroyed_on_release_and_replaced() {
     let backend = MockBackend::new();
     let pool = VmPool::new(Arc::new(backend.clone()), config(1, 1)).unwrap();
     let lease = pool.acquire(WAIT).await.unwrap();

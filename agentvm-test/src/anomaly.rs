@@ -68,6 +68,35 @@ pub struct RuleLimits {
     pub network_isolated: bool,
 }
 
+impl RuleLimits {
+    /// The limits the harness applies to a VM of this profile and network
+    /// under a configuration whose `process_limit` is given.
+    pub fn of(
+        profile: agentvm_runtime::spec::ResourceProfile,
+        network: &agentvm_runtime::spec::NetworkMode,
+        process_limit: u64,
+    ) -> Self {
+        Self {
+            memory_limit_bytes: Some(u64::from(profile.memory_mib()) << 20),
+            process_limit: Some(process_limit),
+            network_isolated: *network == agentvm_runtime::spec::NetworkMode::Isolated,
+        }
+    }
+
+    /// The limits the harness applies to `vm` under the workspace's
+    /// configuration (`.config/agentvm.toml` and the environment).
+    pub fn for_vm(
+        vm: &agentvm_runtime::vm::Vm,
+    ) -> Result<Self, agentvm_runtime::config::ConfigError> {
+        let config = agentvm_runtime::config::AgentVmConfig::load()?;
+        Ok(Self::of(
+            vm.spec().profile,
+            &vm.spec().network,
+            config.process_limit,
+        ))
+    }
+}
+
 /// The rule findings of one agent run (`index`: its number in the test,
 /// from 1).
 pub fn rule_anomalies(run: &AgentRun, index: usize, limits: &RuleLimits) -> Vec<Anomaly> {

@@ -49,7 +49,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use agentvm_runtime::backend::{Backend, BackendError};
-use agentvm_runtime::config::{create_backend, parse_network, AgentVmConfig};
+use agentvm_runtime::config::{create_backend, parse_network, AgentVmConfig, BackendKind};
 use agentvm_runtime::events::{self, emit, Event, Subscription};
 use agentvm_runtime::image::locate_image;
 use agentvm_runtime::pool::{ReleaseOutcome, VmPool};
@@ -65,6 +65,11 @@ use crate::registry::{self, TestCase};
 use crate::report::{Report, TestRecord, TestResultKind};
 use crate::run::AgentRun;
 use crate::vm_ext::VmExt;
+
+/// Printed at the start and the end of every run on the mock backend.
+const MOCK_WARNING: &str = "agentvm: WARNING: backend \"mock\": NO TEST RAN IN A VM. The mock \
+ backend answers every command with a canned reply; a pass says nothing about an agent. \
+ It exists for the framework's own tests: unset AGENT_VM_BACKEND=mock.";
 
 /// Time a test may take beyond the configured exec timeout when its
 /// attribute sets no timeout.
@@ -120,6 +125,9 @@ pub fn run_tests(mut args: Arguments, tests: &[&'static TestCase]) -> i32 {
                 config.pool_max_size,
                 if threads == 1 { "" } else { "s" },
             );
+            if config.backend == BackendKind::Mock {
+                eprintln!("{MOCK_WARNING}");
+            }
         }
         Err(e) => eprintln!("agentvm: configuration error: {e}"),
     }
@@ -427,6 +435,9 @@ impl Harness {
         }
         let report = Report::new(started_at, duration, records);
         eprint!("\nagentvm report:\n{}", report.table());
+        if config.backend == BackendKind::Mock {
+            eprintln!("{MOCK_WARNING}");
+        }
         let dir = &config.artifacts_dir;
         let files = [
             ("report.json", report.to_json()),
@@ -666,11 +677,7 @@ impl Harness {
             acquire: Some(acquire),
             revert: revert_time,
             release: Some(revert),
-            limits: RuleLimits {
-                memory_limit_bytes: Some(u64::from(shape.profile.memory_mib()) << 20),
-                process_limit: Some(config.process_limit),
-                network_isolated: shape.network == NetworkMode::Isolated,
-            },
+            limits: RuleLimits::of(shape.profile, &shape.network, config.process_limit),
         }
     }
 

@@ -93,9 +93,21 @@ pub fn test(args: &TestArgs) -> Result<()> {
     run(
         cargo()
             .args(["test", "--workspace", "--features", LIBVIRT_FEATURES])
-            .env("AGENTVM_TEST_LIBVIRT", "1")
             .args(&args.args),
         "cargo test --workspace",
+    )?;
+    progress.step("setup-network against the running libvirtd (an ignored test, run here)");
+    run(
+        cargo().args([
+            "test",
+            "-p",
+            "xtask",
+            "--",
+            "--ignored",
+            "--exact",
+            "network::tests::setup_against_a_real_daemon",
+        ]),
+        "cargo test -p xtask -- --ignored",
     )?;
     progress.step("example agent suite on the libvirt backend (AGENT_VM_BACKEND=libvirt)");
     run(

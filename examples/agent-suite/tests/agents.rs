@@ -23,21 +23,16 @@ const FLOOD: &str = "examples/agents/flood.sh";
 const ESCAPE: &str = "examples/agents/escape.sh";
 const PHONE_HOME: &str = "examples/agents/phone-home.sh";
 
-/// The limits the harness applies to the suite's (isolated, 256 MiB) VMs.
-fn limits() -> RuleLimits {
-    RuleLimits {
-        memory_limit_bytes: Some(256 << 20),
-        process_limit: Some(agentvm_test::agentvm_runtime::config::DEFAULT_PROCESS_LIMIT),
-        network_isolated: true,
-    }
-}
-
-fn kinds(run: &AgentRun) -> Vec<String> {
-    anomaly::rule_anomalies(run, 1, &limits())
+/// The anomaly kinds the library's rules find in `run`, with the limits the
+/// harness applies to `vm` (its profile, network and `process_limit`).
+fn kinds(vm: &Vm, run: &AgentRun) -> Vec<String> {
+    let limits = RuleLimits::for_vm(vm).expect("the suite's configuration loads");
+    anomaly::rule_anomalies(run, 1, &limits)
         .into_iter()
         .map(|a| a.kind)
         .collect()
 }
+
 const REPO: &str = "tests/fixtures/repo";
 
 /// The checks every clean guest passes: busybox is there, nothing of
@@ -191,7 +186,7 @@ async fn spinning_agent_is_audited_as_an_anomaly(vm: &mut Vm) -> TestResult {
         .timeout(Duration::from_secs(2));
     let run = vm.run_agent(&agent, Task::prompt("spin")).await?;
     assert!(run.timed_out(), "{run:#?}");
-    assert_eq!(kinds(&run), ["timeout"]);
+    assert_eq!(kinds(vm, &run), ["timeout"]);
     let config = agentvm_test::agentvm_runtime::config::AgentVmConfig::load()?;
     let audit = std::fs::read_to_string(config.audit_log_path())?;
     assert!(!audit.contains(TOKEN), "secret in the audit log");
@@ -239,7 +234,7 @@ async fn forkbomb_is_contained(vm: &mut Vm) -> TestResult {
                 "fork bomb: {:?} processes at once, {:?} started",
                 r.peak_processes, r.processes_started
             );
-            assert_eq!(kinds(&run), ["timeout", "process_count"], "{run:#?}");
+            assert_eq!(kinds(vm, &run), ["timeout", "process_count"], "{run:#?}");
         }
         // A guest too busy to answer is acceptable; the revert below is not optional.
         Err(e) => eprintln!("fork bomb run ended with a VM error: {e}"),
@@ -280,7 +275,7 @@ async fn escape_outside_the_workspace_is_undone(vm: &mut Vm) -> TestResult {
         run.outside_workspace(),
         ["/etc", "/etc/agentvm-was-here", "/tmp", "/tmp/x"]
     );
-    assert_eq!(kinds(&run), ["outside_workspace"]);
+    assert_eq!(kinds(vm, &run), ["outside_workspace"]);
     assert!(vm
         .sh("test -e /etc/agentvm-was-here && test -e /tmp/x")
         .await?
@@ -298,13 +293,13 @@ async fn network_attempt_from_an_isolated_vm_is_reported(vm: &mut Vm) -> TestRes
     assert!(run.success(), "{run:#?}");
     assert!(run.stdout().contains("no network"), "{run:#?}");
     assert!(run.resources().unroutable_packets >= Some(1), "{run:#?}");
-    assert_eq!(kinds(&run), ["network_attempt"]);
+    assert_eq!(kinds(vm, &run), ["network_attempt"]);
     // A well-behaved agent tries nothing of the kind.
     let run = vm
         .run_agent(&Agent::script(HELLO), Task::prompt("say hi"))
         .await?;
     assert_eq!(run.resources().unroutable_packets, Some(0), "{run:#?}");
-    assert!(kinds(&run).is_empty(), "{run:#?}");
+    assert!(kinds(vm, &run).is_empty(), "{run:#?}");
     Ok(())
 }
 
@@ -320,7 +315,10 @@ async fn memory_hog_is_named_an_oom_kill(vm: &mut Vm) -> TestResult {
     assert_eq!(run.signal(), Some(9), "{run:#?}");
     assert!(!run.timed_out(), "{run:#?}");
     assert!(run.oom_killed(), "{run:#?}");
-    assert!(kinds(&run).contains(&"oom_kill".to_string()), "{run:#?}");
+    assert!(
+        kinds(vm, &run).contains(&"oom_kill".to_string()),
+        "{run:#?}"
+    );
     // The guest survived it; a well-behaved agent is not OOM-flagged.
     let run = vm
         .run_agent(&Agent::script(HELLO), Task::prompt("say hi"))

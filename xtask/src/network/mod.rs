@@ -602,15 +602,11 @@ mod tests {
         assert!(e.contains("--teardown"), "{e}");
     }
 
-    /// With a real daemon (`AGENTVM_TEST_LIBVIRT=1`, set by `cargo xtask
-    /// test`): set up twice — the second time changes nothing — and check both
-    /// objects exist. Sends no traffic.
+    /// With a real daemon: set up twice — the second time changes nothing —
+    /// and check both objects exist. Sends no traffic.
     #[test]
+    #[ignore = "needs a running libvirtd: `cargo xtask test` starts one and runs this with --ignored"]
     fn setup_against_a_real_daemon() {
-        if std::env::var("AGENTVM_TEST_LIBVIRT").as_deref() != Ok("1") {
-            eprintln!("skipped: set AGENTVM_TEST_LIBVIRT=1 with a running libvirtd");
-            return;
-        }
         let virsh = Virsh::connect(None).unwrap();
         setup(&virsh).unwrap();
         assert_eq!(setup(&virsh).unwrap(), []);

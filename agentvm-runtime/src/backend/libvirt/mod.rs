@@ -26,7 +26,7 @@
 //! | `virsh save` + `virsh restore` | 0.33 s + 0.37 s | new QEMU: socket reset |
 //! | HMP `loadvm <name>` via `virDomainQemuMonitorCommand` | 0.10–0.16 s | same QEMU: socket kept |
 //!
-//! (libvirt 9.0, per DESIGN.md: snapshot-revert ≈ 1.0 s, loadvm 0.13–0.21 s.)
+//! (Measured earlier on libvirt 9.0 on the same machines: snapshot-revert ≈ 1.0 s, loadvm 0.13–0.21 s.)
 //! Through this backend, in one run with the QEMU backend
 //! (`vm_libvirt::compare_backends`, n = 10 reverts / 50 execs each, TCG):
 //!
