@@ -30,6 +30,7 @@ mod server;
 mod spawn;
 mod transport;
 mod tree;
+mod tunnel;
 
 use transport::{Transport, TransportKind};
 

@@ -318,9 +318,11 @@ pub async fn serve(agent: &Arc<Agent>, conn: Connection) -> Outcome {
     }
     let (tx, rx) = mpsc::channel(OUTBOX_DEPTH);
     let mut writer_task = tokio::spawn(write_loop(writer, rx));
+    let out = Outbox { tx };
     let mut session = Session {
         agent: Arc::clone(agent),
-        out: Outbox { tx },
+        tunnels: crate::tunnel::Tunnels::new(out.clone()),
+        out,
         execs: Arc::new(Mutex::new(HashMap::new())),
         uploads: HashMap::new(),
     };
@@ -403,6 +405,8 @@ struct Session {
     execs: Arc<Mutex<HashMap<u64, Arc<Tree>>>>,
     /// Uploads in progress by request id; `None`: failed, dropping its chunks.
     uploads: HashMap<u64, Option<mpsc::Sender<PutFileChunk>>>,
+    /// Tunnelled listeners and streams of this connection.
+    tunnels: Arc<crate::tunnel::Tunnels>,
 }
 
 fn lock_execs(execs: &Mutex<HashMap<u64, Arc<Tree>>>) -> MutexGuard<'_, HashMap<u64, Arc<Tree>>> {
@@ -471,6 +475,24 @@ impl Session {
                 };
                 self.out.send(id, reply).await;
             }
+            Message::TunnelListen(request) => {
+                let reply = match self.tunnels.listen(request.port).await {
+                    Ok(()) => Message::Ok(Default::default()),
+                    Err(e) => Message::Error(error_reply(
+                        ErrorKind::Io,
+                        format!("cannot listen on 127.0.0.1:{}: {e}", request.port),
+                    )),
+                };
+                self.out.send(id, reply).await;
+            }
+            Message::TunnelUnlisten(request) => {
+                self.tunnels.unlisten(request.port);
+                self.out.send(id, Message::Ok(Default::default())).await;
+            }
+            m @ (Message::StreamData(_)
+            | Message::StreamWindow(_)
+            | Message::StreamShutdown(_)
+            | Message::StreamReset(_)) => self.tunnels.deliver(m),
             Message::Shutdown(request) => {
                 self.out.send(id, Message::Ok(Default::default())).await;
                 return Some(request.poweroff);
@@ -481,7 +503,11 @@ impl Session {
                     message.kind_name()
                 );
             }
-            Message::Output(_) | Message::Exit(_) | Message::FileData(_) | Message::Changes(_) => {
+            Message::Output(_)
+            | Message::Exit(_)
+            | Message::FileData(_)
+            | Message::Changes(_)
+            | Message::StreamOpen(_) => {
                 let reply = error_reply(
                     ErrorKind::BadRequest,
                     format!("{} is sent by the guest, not to it", message.kind_name()),

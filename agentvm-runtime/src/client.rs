@@ -16,9 +16,10 @@ use tokio::sync::{mpsc, oneshot};
 use crate::protocol::{
     ChangeList, ErrorKind, ExecRequest, ExitReport, FileChange, Frame, FrameError, FrameReader,
     FrameWriter, GetFileRequest, Hello, KillRequest, ListChangesRequest, Message, OutputStream,
-    Ping, PutFileChunk, ReseedRequest, ResetBaselineRequest, ShutdownRequest, FILE_CHUNK_LEN,
-    PROTOCOL_VERSION,
+    Ping, PutFileChunk, ReseedRequest, ResetBaselineRequest, ShutdownRequest, TunnelListenRequest,
+    FILE_CHUNK_LEN, PROTOCOL_VERSION,
 };
+use crate::tunnel::{Hub, TunnelListener};
 
 /// Most bytes of answers the client buffers for callers that have not read
 /// them yet. A guest that floods the host past this is cut off.
@@ -190,13 +191,17 @@ fn payload_weight(message: &Message) -> usize {
 
 /// Host-side client of one guest agent connection.
 pub struct GuestClient {
-    writer: tokio::sync::Mutex<FrameWriter<Box<dyn AsyncWrite + Send + Unpin>>>,
+    writer: Arc<tokio::sync::Mutex<ChannelWriter>>,
     shared: Arc<Shared>,
     control: mpsc::UnboundedSender<Control>,
     next_id: AtomicU64,
     guest_hello: Hello,
     reader_task: tokio::task::JoinHandle<()>,
+    tunnel: Arc<Hub>,
+    tunnel_writer_task: tokio::task::JoinHandle<()>,
 }
+
+type ChannelWriter = FrameWriter<Box<dyn AsyncWrite + Send + Unpin>>;
 
 impl std::fmt::Debug for GuestClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -209,6 +214,23 @@ impl std::fmt::Debug for GuestClient {
 impl Drop for GuestClient {
     fn drop(&mut self) {
         self.reader_task.abort();
+        self.tunnel_writer_task.abort();
+        self.tunnel
+            .reset_all("the control channel client was dropped");
+    }
+}
+
+/// Writes the tunnel's frames (request id 0) as they come.
+async fn tunnel_writer(
+    writer: Arc<tokio::sync::Mutex<ChannelWriter>>,
+    mut frames: mpsc::UnboundedReceiver<Message>,
+    shared: Arc<Shared>,
+) {
+    while let Some(message) = frames.recv().await {
+        if let Err(e) = writer.lock().await.send(0, &message).await {
+            shared.close(format!("write failed: {e}"));
+            return;
+        }
     }
 }
 
@@ -267,18 +289,31 @@ impl GuestClient {
             buffered: AtomicUsize::new(0),
         });
         let (control_tx, control_rx) = mpsc::unbounded_channel();
+        let (tunnel_tx, tunnel_rx) = mpsc::unbounded_channel();
+        let tunnel = Hub::new(tunnel_tx);
         let reader_task = tokio::spawn(read_loop(
             FrameReader::new(read_half),
             Arc::clone(&shared),
+            Arc::clone(&tunnel),
             control_rx,
         ));
+        let writer: Arc<tokio::sync::Mutex<ChannelWriter>> = Arc::new(tokio::sync::Mutex::new(
+            FrameWriter::new(Box::new(write_half)),
+        ));
+        let tunnel_writer_task = tokio::spawn(tunnel_writer(
+            Arc::clone(&writer),
+            tunnel_rx,
+            Arc::clone(&shared),
+        ));
         Self {
-            writer: tokio::sync::Mutex::new(FrameWriter::new(Box::new(write_half))),
+            writer,
             shared,
             control: control_tx,
             next_id: AtomicU64::new(1),
             guest_hello,
             reader_task,
+            tunnel,
+            tunnel_writer_task,
         }
     }
 
@@ -313,6 +348,9 @@ impl GuestClient {
     pub async fn resync(&self, timeout: Duration) -> Result<ResyncStats, ClientError> {
         let abandoned: Vec<_> = self.shared.waiters.lock().expect("lock").drain().collect();
         drop(abandoned);
+        // The guest's listeners and streams are gone with its memory.
+        self.tunnel
+            .reset_all("the VM was reverted: its tunnelled listeners and streams are gone");
         let nonce = fresh_nonce();
         let (done_tx, done_rx) = oneshot::channel();
         self.control
@@ -365,6 +403,37 @@ impl GuestClient {
             Message::Error(e) if e.kind == ErrorKind::Unsupported => Ok(false),
             other => Err(unexpected("Reseed", &other)),
         }
+    }
+
+    /// Listens on TCP `port` of the guest's loopback and tunnels every
+    /// connection a guest process makes there to the returned listener
+    /// (see [`crate::tunnel`]). A revert ends the listener.
+    pub async fn tunnel_listen(&self, port: u16) -> Result<TunnelListener, ClientError> {
+        // Registered first: a connection may arrive before the Ok does.
+        let listener = self.tunnel.add_listener(port);
+        let answer = async {
+            let request = Message::TunnelListen(TunnelListenRequest { port });
+            expect_ok("TunnelListen", self.request(request).await?.recv().await?)
+        };
+        match answer.await {
+            Ok(()) => Ok(listener),
+            Err(e) => {
+                self.tunnel.remove_listener(port);
+                Err(e)
+            }
+        }
+    }
+
+    /// Stops listening on a tunnelled port; open streams stay.
+    pub async fn tunnel_unlisten(&self, port: u16) -> Result<(), ClientError> {
+        self.tunnel.remove_listener(port);
+        let request = Message::TunnelUnlisten(TunnelListenRequest { port });
+        expect_ok("TunnelUnlisten", self.request(request).await?.recv().await?)
+    }
+
+    /// Tunnelled streams open now.
+    pub fn tunnel_streams(&self) -> usize {
+        self.tunnel.open_streams()
     }
 
     /// Starts a command; its output and exit arrive on the returned stream.
@@ -631,6 +700,7 @@ struct ResyncState {
 async fn read_loop<R: AsyncRead + Unpin>(
     mut reader: FrameReader<R>,
     shared: Arc<Shared>,
+    tunnel: Arc<Hub>,
     mut control: mpsc::UnboundedReceiver<Control>,
 ) {
     let mut resync: Option<ResyncState> = None;
@@ -670,7 +740,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     }
                     continue;
                 }
-                if let Err(reason) = route(&shared, frame) {
+                if let Err(reason) = route(&shared, &tunnel, frame) {
                     break reason;
                 }
             }
@@ -685,16 +755,28 @@ async fn read_loop<R: AsyncRead + Unpin>(
     };
     #[cfg(feature = "host")]
     tracing::debug!(%reason, "control channel reader stopped");
+    tunnel.reset_all(&format!("the control channel closed: {reason}"));
     shared.close(reason);
 }
 
 /// Hands a frame to the request waiting for it. Frames for unknown requests
 /// (e.g. output of an abandoned command) are dropped.
-fn route(shared: &Shared, frame: Frame) -> Result<(), String> {
+fn route(shared: &Shared, tunnel: &Arc<Hub>, frame: Frame) -> Result<(), String> {
     let Frame {
         request_id,
         message,
     } = frame;
+    let message = match message {
+        m @ (Message::StreamOpen(_)
+        | Message::StreamData(_)
+        | Message::StreamWindow(_)
+        | Message::StreamShutdown(_)
+        | Message::StreamReset(_)) => {
+            tunnel.deliver(m);
+            return Ok(());
+        }
+        other => other,
+    };
     let weight = payload_weight(&message);
     let waiters = shared.waiters.lock().expect("lock");
     let Some(waiter) = waiters.get(&request_id) else {

@@ -31,4 +31,6 @@ pub mod pool;
 #[cfg(feature = "host")]
 pub mod spec;
 #[cfg(feature = "host")]
+pub mod tunnel;
+#[cfg(feature = "host")]
 pub mod vm;

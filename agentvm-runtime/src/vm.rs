@@ -488,6 +488,18 @@ impl Vm {
         self.guest_result(result).await
     }
 
+    /// Listens on TCP `port` of the guest's loopback; every connection a
+    /// guest process makes there arrives on the returned listener as a
+    /// [`TunnelStream`](crate::tunnel::TunnelStream), carried over the
+    /// control channel (no NIC needed). A revert ends the listener.
+    pub async fn tunnel_listen(
+        &mut self,
+        port: u16,
+    ) -> Result<crate::tunnel::TunnelListener, VmError> {
+        let result = self.client.tunnel_listen(port).await;
+        self.guest_result(result).await
+    }
+
     /// Round trip of a ping over the control channel (a health check).
     pub async fn ping(&mut self) -> Result<Duration, VmError> {
         let result = tokio::time::timeout(Duration::from_secs(5), self.client.ping()).await;

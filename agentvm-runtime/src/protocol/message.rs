@@ -103,6 +103,26 @@ messages! {
     /// by [`Message::Ok`], or [`ErrorKind::Unsupported`] from an agent that
     /// does not own the machine (not PID 1).
     17 => Reseed(ReseedRequest),
+    /// Listen on a TCP port of the guest's loopback and tunnel every
+    /// connection to the host ([`Message::StreamOpen`]). Answered by
+    /// [`Message::Ok`] or an error (port taken).
+    40 => TunnelListen(TunnelListenRequest),
+    /// Stop listening on a tunnelled port (open streams stay). Answered by [`Message::Ok`].
+    41 => TunnelUnlisten(TunnelListenRequest),
+    /// Guest → host, unsolicited (request id 0): a connection was accepted
+    /// on a tunnelled port.
+    42 => StreamOpen(StreamOpen),
+    /// Bytes of a stream, either way; a sender never sends more than the
+    /// credit the other side granted ([`STREAM_WINDOW`] to start with).
+    43 => StreamData(StreamData),
+    /// Either way: the receiver consumed this many more bytes; the sender may
+    /// send that much more.
+    44 => StreamWindow(StreamWindow),
+    /// Either way: the sender will write no more (half-close; the other
+    /// direction stays open).
+    45 => StreamShutdown(StreamId),
+    /// Either way: the stream is aborted, both directions.
+    46 => StreamReset(StreamReset),
 }
 
 /// Versions and capabilities, sent by each side on connect.
@@ -371,6 +391,63 @@ pub struct ReseedRequest {
 /// Most entropy bytes a [`ReseedRequest`] carries (the kernel's input pool
 /// takes at most 512 bytes per `RNDADDENTROPY`).
 pub const MAX_RESEED_ENTROPY: usize = 512;
+
+/// A tunnelled port of the guest's loopback.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TunnelListenRequest {
+    /// TCP port on 127.0.0.1 in the guest.
+    pub port: u16,
+}
+
+/// Credit each side of a stream starts with, in bytes.
+pub const STREAM_WINDOW: u32 = 512 * 1024;
+
+/// Most bytes in one [`StreamData`].
+pub const STREAM_CHUNK_LEN: usize = 64 * 1024;
+
+/// A new tunnelled connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamOpen {
+    /// The guest's id for it (unique within a connection of the channel).
+    pub stream_id: u64,
+    /// The guest port it was accepted on.
+    pub port: u16,
+}
+
+/// Bytes of a stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamData {
+    /// The stream.
+    pub stream_id: u64,
+    /// At most [`STREAM_CHUNK_LEN`] bytes.
+    #[serde(with = "serde_bytes")]
+    pub data: Vec<u8>,
+}
+
+/// More credit for the other side of a stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamWindow {
+    /// The stream.
+    pub stream_id: u64,
+    /// Bytes the other side may send beyond what it was granted before.
+    pub credit: u32,
+}
+
+/// Names a stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamId {
+    /// The stream.
+    pub stream_id: u64,
+}
+
+/// An aborted stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamReset {
+    /// The stream.
+    pub stream_id: u64,
+    /// Why.
+    pub reason: String,
+}
 
 /// Signal the process tree of a running command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
