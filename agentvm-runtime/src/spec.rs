@@ -98,6 +98,10 @@ pub struct ImagePaths {
     pub initramfs: PathBuf,
     /// Extra kernel command line for this image.
     pub cmdline: String,
+    /// The read-only root file system disk (the `agent` image), attached
+    /// read-only to every VM (shared, never copied) as the first virtio disk.
+    #[serde(default)]
+    pub rootfs: Option<PathBuf>,
 }
 
 /// Everything needed to launch one VM.

@@ -206,7 +206,8 @@ impl QemuBackend {
 
     /// The golden-cache key of `spec` (`None` without a cache, or when the
     /// files it depends on cannot be read): the command line with neutral
-    /// per-VM paths and id, the QEMU binary, the kernel and the initramfs.
+    /// per-VM paths and id, the QEMU binary, the kernel, the initramfs and
+    /// the root file system disk, if any.
     pub fn golden_key(&self, spec: &VmSpec) -> Option<String> {
         self.golden.as_ref()?;
         let paths = VmPaths::new("/agentvm-golden");
@@ -222,6 +223,7 @@ impl QemuBackend {
         .ok()?;
         let files = [&self.qemu, &spec.image.kernel, &spec.image.initramfs]
             .into_iter()
+            .chain(spec.image.rootfs.as_ref())
             .map(|path| FileIdentity::of(path))
             .collect::<std::io::Result<Vec<_>>>()
             .ok()?;
@@ -274,7 +276,10 @@ impl QemuBackend {
         state_disk: StateDisk<'_>,
         start_paused: bool,
     ) -> Result<QemuMachine, BackendError> {
-        for path in [&spec.image.kernel, &spec.image.initramfs] {
+        for path in [&spec.image.kernel, &spec.image.initramfs]
+            .into_iter()
+            .chain(spec.image.rootfs.as_ref())
+        {
             if !path.is_file() {
                 return Err(BackendError::MissingImage {
                     name: spec.image.name.clone(),
