@@ -160,6 +160,10 @@ pub fn run_tests(mut args: Arguments, tests: &[&'static TestCase]) -> i32 {
                 Some(Some(reason)) if !run_ignored => {
                     Trial::ignorable_test(name, move || Ok(Completion::ignored_with(reason)))
                 }
+                None if missing_image(&harness.config, case).is_some() => {
+                    let reason = missing_image(&harness.config, case).unwrap_or_default();
+                    Trial::ignorable_test(name, move || Ok(Completion::ignored_with(reason)))
+                }
                 ignore => {
                     let harness = Arc::clone(&harness);
                     Trial::test(name, move || harness.run(case)).with_ignored_flag(ignore.is_some())
@@ -734,6 +738,21 @@ fn install_panic_hook() {
             }
         }));
     });
+}
+
+/// A test that asks for an image other than the configured one (e.g.
+/// `image = "agent"`) is ignored at run time, with the command that builds
+/// it, when that image is not built: it is an optional, large build. A
+/// missing configured image still fails the tests that need it.
+fn missing_image(config: &Result<AgentVmConfig, String>, case: &TestCase) -> Option<String> {
+    let config = config.as_ref().ok()?;
+    let image = case.config.image.filter(|i| *i != config.image)?;
+    match locate_image(image, &config.image_dir) {
+        Err(e @ BackendError::MissingImage { .. }) => {
+            Some(format!("image {image:?} is not built: {e}"))
+        }
+        _ => None,
+    }
 }
 
 fn image_error(error: &BackendError) -> String {
