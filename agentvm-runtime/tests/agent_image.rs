@@ -25,9 +25,15 @@ fn images_dir() -> PathBuf {
     }
 }
 
+/// The image under test: `agent`, or `AGENTVM_TEST_AGENT_IMAGE` (e.g. an
+/// image built with `--rootfs-format squashfs`, to compare).
+fn image_name() -> String {
+    std::env::var("AGENTVM_TEST_AGENT_IMAGE").unwrap_or_else(|_| "agent".into())
+}
+
 fn spec() -> VmSpec {
-    let image =
-        locate_image("agent", &images_dir()).unwrap_or_else(|e| panic!("{e} ({NEEDS_IMAGE})"));
+    let image = locate_image(&image_name(), &images_dir())
+        .unwrap_or_else(|e| panic!("{e} ({NEEDS_IMAGE})"));
     VmSpec {
         image,
         profile: ResourceProfile::Light,
@@ -54,7 +60,20 @@ async fn boots_with_the_read_only_disk_and_reverts() {
         t.elapsed().as_secs_f64(),
         vm.boot_timings()
     );
+    println!(
+        "image {} (rootfs {:?})",
+        image_name(),
+        vm.spec().image.rootfs
+    );
     let serial = vm.serial_tail(50);
+    println!(
+        "{}",
+        serial
+            .lines()
+            .filter(|l| l.contains("agentvm-init"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     assert!(
         serial.contains("root file system erofs") || serial.contains("root file system squashfs"),
         "{serial}"
@@ -65,6 +84,35 @@ async fn boots_with_the_read_only_disk_and_reverts() {
         .unwrap();
     let mounts = String::from_utf8_lossy(&out.stdout);
     assert!(mounts.contains("overlay / overlay"), "{mounts}");
+    // Cold (first) and warm runs of a few programs, and their peak RSS.
+    for (what, script) in [
+        ("git --version", "git --version"),
+        ("python3 -c pass", "python3 -c pass"),
+        ("node -e 0", "node -e 0"),
+        (
+            "claude --version",
+            "command -v claude >/dev/null || exit 0; claude --version",
+        ),
+    ] {
+        let mut line = format!("timing: {what}:");
+        for run in ["cold", "warm"] {
+            let out = vm
+                .exec(agentvm_runtime::command::Command::shell(script))
+                .await
+                .unwrap();
+            assert_eq!(
+                out.report.status,
+                agentvm_runtime::protocol::ExitStatus::Code(0),
+                "{what}: {out:?}"
+            );
+            line.push_str(&format!(
+                " {run} {:.3} s (peak RSS {:.0} MiB)",
+                out.report.duration.as_secs_f64(),
+                out.report.resources.peak_rss_bytes.unwrap_or(0) as f64 / 1048576.0
+            ));
+        }
+        println!("{line}");
+    }
     let mut reverts = Vec::new();
     for _ in 0..5 {
         let out = vm
