@@ -404,7 +404,7 @@ pub fn pip_report_packages(report: &str) -> Result<Vec<Package>> {
             })
         })
         .collect();
-    out.sort_by(|a, b| a.name.to_lowercase().cmp(&b.name.to_lowercase()));
+    out.sort_by_key(|p| p.name.to_lowercase());
     Ok(out)
 }
 
