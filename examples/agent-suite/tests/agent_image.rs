@@ -120,4 +120,29 @@ async fn recipe_agents_start(vm: &mut Vm) -> TestResult {
     Ok(())
 }
 
+/// Fixture files the harness puts into the workspace belong to `agent`, so
+/// an unprivileged agent can edit them (and its own files are its own).
+#[agent_vm_test(
+    image = "agent",
+    profile = "light",
+    timeout = "120s",
+    fixtures("tests/fixtures/repo")
+)]
+async fn unprivileged_agent_edits_its_fixtures(vm: &mut Vm) -> TestResult {
+    let out = vm.sh("stat -c '%U %n' README.md src src/main.sh").await?;
+    assert_eq!(
+        out.stdout, "agent README.md\nagent src\nagent src/main.sh\n",
+        "{out:?}"
+    );
+    let run = vm
+        .run_agent(&Agent::script("examples/agents/editor.sh"), Task::new())
+        .await?;
+    assert!(run.success(), "{run:#?}");
+    assert_eq!(run.deleted(), ["obsolete.txt"]);
+    assert!(run.modified().contains(&"README.md"), "{run:#?}");
+    let out = vm.sh("stat -c '%U' notes/todo.txt").await?;
+    assert_eq!(out.stdout, "agent\n");
+    Ok(())
+}
+
 agentvm_test::main!();
