@@ -113,6 +113,30 @@ async fn boots_with_the_read_only_disk_and_reverts() {
         }
         println!("{line}");
     }
+    // exec `true` p50: as the default user (through the run-as helper) and as root.
+    for (who, command) in [
+        ("agent", agentvm_runtime::command::Command::new("true")),
+        (
+            "root",
+            agentvm_runtime::command::Command::new("true").as_root(),
+        ),
+    ] {
+        let mut times = Vec::new();
+        for _ in 0..21 {
+            let t = Instant::now();
+            let out = vm.exec(command.clone()).await.unwrap();
+            times.push(t.elapsed());
+            assert_eq!(
+                out.report.status,
+                agentvm_runtime::protocol::ExitStatus::Code(0)
+            );
+        }
+        times.sort();
+        println!(
+            "timing: exec true as {who} p50 {:.1} ms",
+            times[10].as_secs_f64() * 1000.0
+        );
+    }
     let mut reverts = Vec::new();
     for _ in 0..5 {
         let out = vm

@@ -132,6 +132,14 @@ pub fn test(args: &TestArgs) -> Result<()> {
             .env("AGENT_VM_BACKEND", "libvirt"),
         "the example agent suite on libvirt",
     )?;
+    progress.step("agent image suite on the libvirt backend (read-only shared disk)");
+    run(
+        cargo()
+            .args(["test", "-p", "agent-suite", "--test", "agent_image"])
+            .args(["--features", "agentvm-test/libvirt"])
+            .env("AGENT_VM_BACKEND", "libvirt"),
+        "the agent image suite on libvirt",
+    )?;
     agent_image_boot_tests(&progress)
 }
 

@@ -2,7 +2,10 @@
 //! agentvm backends boot directly (`-kernel vmlinuz -initrd initramfs.cpio.gz
 //! -append <cmdline>`).
 //!
-//! Output, in `<out>/<name>/`: `vmlinuz`, `initramfs.cpio.gz`, `manifest.json`.
+//! Output, in `<out>/<name>/`: `vmlinuz`, `initramfs.cpio.gz`, `manifest.json`,
+//! and for the `agent` image (or `--rootfs`, `--with`) `rootfs.erofs`: a
+//! Debian root file system ([`rootfs`]) with agent recipes ([`recipe`]),
+//! which the initramfs init mounts under a tmpfs overlay and switch_roots to.
 //! The manifest is written last and removed first on a rebuild, so a
 //! directory with a manifest always holds a complete image.
 

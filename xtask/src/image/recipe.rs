@@ -38,6 +38,17 @@ pub const AGENTS_DIR: &str = "/opt/agents";
 /// registries may sit behind a proxy only the host's bundle trusts).
 pub const HOST_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
+/// Variables that point TLS clients at a CA bundle. The host's may name its
+/// own bundle by a path that inside the new root is Debian's stock bundle
+/// (requests prefers `REQUESTS_CA_BUNDLE` over pip's `--cert`), so all of
+/// them are pointed at the copied host bundle while pip runs.
+const CA_ENV: &[&str] = &[
+    "PIP_CERT",
+    "REQUESTS_CA_BUNDLE",
+    "SSL_CERT_FILE",
+    "CURL_CA_BUNDLE",
+];
+
 /// A parsed recipe file.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -203,11 +214,17 @@ impl Recipe {
         vec![
             format!("cp {HOST_CA_BUNDLE} \"$1/tmp/agentvm-host-ca.crt\""),
             format!(
-                "chroot \"$1\" sh -ec 'python3 -m venv {dir}/venv && \
-                 PIP_CERT=/tmp/agentvm-host-ca.crt PIP_DISABLE_PIP_VERSION_CHECK=1 \
+                "chroot \"$1\" env -u PIP_FIND_LINKS {ca} PIP_DISABLE_PIP_VERSION_CHECK=1 \
+                 sh -ec 'python3 -m venv {dir}/venv && \
                  {dir}/venv/bin/pip install --no-cache-dir --quiet --report {dir}/pip-report.json \
                  {}=={}'",
-                p.package, p.version
+                p.package,
+                p.version,
+                ca = CA_ENV
+                    .iter()
+                    .map(|v| format!("{v}=/tmp/agentvm-host-ca.crt"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
             ),
             "rm -f \"$1/tmp/agentvm-host-ca.crt\"".to_string(),
         ]
@@ -458,6 +475,7 @@ claude = "node_modules/@anthropic-ai/claude-code-linux-x64/claude"
         .unwrap();
         let h = r.pip_hooks(r.pip.as_ref().unwrap());
         assert!(h[1].contains("python3 -m venv /opt/agents/aider/venv"));
+        assert!(h[1].contains("env -u PIP_FIND_LINKS PIP_CERT=/tmp/agentvm-host-ca.crt REQUESTS_CA_BUNDLE=/tmp/agentvm-host-ca.crt"));
         assert!(h[1].contains("aider-chat==0.86.2"));
         assert!(h[1].contains("--report /opt/agents/aider/pip-report.json"));
     }

@@ -54,6 +54,10 @@ pub const PACKAGES: &[&str] = &[
     "passwd",
 ];
 
+/// Bump when the way the root file system is built changes in a way the
+/// inputs do not capture (mmdebstrap options, recipe hooks). Part of the key.
+pub const BUILDER_VERSION: u32 = 1;
+
 /// The unprivileged user agents run as.
 pub const AGENT_USER: &str = "agent";
 /// Its uid and gid.
@@ -278,7 +282,7 @@ pub struct RootfsInputs {
 impl RootfsInputs {
     /// SHA-256 over a canonical line rendering (as [`super::manifest::Inputs::key`]).
     pub fn key(&self) -> String {
-        let mut s = String::from("agentvm-rootfs-key 1\n");
+        let mut s = format!("agentvm-rootfs-key {BUILDER_VERSION}\n");
         for (k, v) in [
             ("suite", self.suite.clone()),
             ("mirror", self.mirror.clone()),
