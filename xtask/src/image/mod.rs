@@ -141,6 +141,13 @@ impl BuildImageArgs {
 
 pub fn run(args: BuildImageArgs) -> Result<()> {
     check_name(&args.name)?;
+    if args.wants_rootfs() && args.name == "default" {
+        bail!(
+            "the default image is the busybox one that the framework's own tests expect: \
+             build a root file system image under another name (`--name agent --with {}`)",
+            args.with.join(",")
+        );
+    }
     let root = workspace_root();
     let agentvm_dir = root.join("target").join("agentvm");
     let out_dir = args
