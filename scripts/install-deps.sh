@@ -30,6 +30,12 @@ $SUDO apt-get install -y -qq --no-install-recommends "${qemu_release[@]}" \
     qemu-system-x86 qemu-utils
 $SUDO apt-get install -y -qq --no-install-recommends \
     busybox-static cpio pkg-config ca-certificates file gcc libc6-dev
+# The Debian `agent` image: mmdebstrap builds its root file system, erofs-utils
+# packs it; npm (from Debian unless the host has one) installs agent recipes.
+$SUDO apt-get install -y -qq --no-install-recommends mmdebstrap erofs-utils
+if ! command -v npm >/dev/null; then
+    $SUDO apt-get install -y -qq --no-install-recommends nodejs npm
+fi
 
 # QEMU runs as this unprivileged user when the harness runs as root
 # (agentvm-runtime's qemu::jail); idempotent.

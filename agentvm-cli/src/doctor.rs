@@ -198,7 +198,7 @@ fn jail_checks(config: &AgentVmConfig) -> Vec<Check> {
     checks.push(match (&jail.user, &jail.user_unavailable) {
         (Some(user), _) => {
             let readable = locate_image(&config.image, &config.image_dir)
-                .map(|img| jail.check_readable(&[img.kernel.as_path(), img.initramfs.as_path()]));
+                .map(|img| jail.check_readable(&img.files()));
             match readable {
                 Ok(Err(path)) => Check::warn(
                     "qemu user",

@@ -32,6 +32,10 @@ pub struct VmArgs {
     /// Log progress (VM boot, snapshot) to stderr.
     #[arg(long, short)]
     pub verbose: bool,
+    /// Run commands as root (the `agent` image runs them as its
+    /// unprivileged `agent` user by default).
+    #[arg(long)]
+    pub root: bool,
 }
 
 #[derive(Debug, Subcommand)]

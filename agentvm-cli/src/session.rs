@@ -61,6 +61,9 @@ pub fn exit_code_of(status: ExitStatus) -> u8 {
 /// Runs `command` in a fresh VM, streaming its output.
 pub async fn exec(args: &VmArgs, timeout: Option<&str>, command: Vec<String>) -> Result<ExitCode> {
     let mut request = Command::from_argv(command);
+    if args.root {
+        request = request.as_root();
+    }
     if let Some(text) = timeout {
         let Some(timeout) = config::parse_duration(text) else {
             bail!("bad --timeout {text:?}: use a duration like 30s, 5m or 1h");
@@ -136,9 +139,12 @@ pub async fn shell(args: &VmArgs) -> Result<ExitCode> {
             let script = format!(
                 "{line}\n__s=$?; printf '\\n\\001agentvm-cwd:%s\\n' \"$PWD\" >&2; exit $__s"
             );
-            let command = Command::shell(script)
+            let mut command = Command::shell(script)
                 .current_dir(cwd.clone())
                 .timeout(Duration::from_secs(3600));
+            if args.root {
+                command = command.as_root();
+            }
             let out = vm.exec(command).await?;
             std::io::stdout().write_all(&out.stdout)?;
             let stderr = String::from_utf8_lossy(&out.stderr);

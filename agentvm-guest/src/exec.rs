@@ -18,6 +18,27 @@ use crate::files::{io_error, resolve, Roots};
 use crate::reaper::{Reaped, Reaper};
 use crate::server::{error_reply, Outbox};
 use crate::spawn::{command_env, SpawnSpec};
+
+/// The user commands run as when a request names none (`--default-user`);
+/// unset: the agent's own user (root).
+pub static DEFAULT_USER: std::sync::OnceLock<(u32, u32)> = std::sync::OnceLock::new();
+
+/// `HOME`, `USER` and `LOGNAME` of `uid` from `passwd` text (`/etc/passwd`).
+pub fn user_env(passwd: &str, uid: u32) -> Vec<(String, String)> {
+    passwd
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            (f.len() >= 7 && f[2].parse() == Ok(uid)).then(|| {
+                vec![
+                    ("HOME".to_string(), f[5].to_string()),
+                    ("USER".to_string(), f[0].to_string()),
+                    ("LOGNAME".to_string(), f[0].to_string()),
+                ]
+            })
+        })
+        .unwrap_or_default()
+}
 use crate::tree::Tree;
 
 /// After the main process exits, how long output is still drained (from
@@ -68,7 +89,23 @@ pub fn spawn(request: ExecRequest, roots: &Roots, reaper: &Reaper) -> Result<Spa
         Err(e) => return Err(io_error("working directory", &cwd, &e)),
     }
 
-    let env = command_env(std::env::vars_os(), request.clear_env, &cwd, &request.env);
+    let user = request
+        .user
+        .map(|u| (u.uid, u.gid))
+        .or_else(|| DEFAULT_USER.get().copied());
+    // Another user gets its own HOME/USER/LOGNAME (the request still wins).
+    let mut request_env = request.env.clone();
+    if let Some((uid, _)) = user {
+        // SAFETY: getuid cannot fail.
+        if uid != unsafe { libc::getuid() } {
+            let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+            let mut env = user_env(&passwd, uid);
+            env.retain(|(k, _)| !request.env.iter().any(|(rk, _)| rk == k));
+            env.extend(request_env);
+            request_env = env;
+        }
+    }
+    let env = command_env(std::env::vars_os(), request.clear_env, &cwd, &request_env);
     let counters_before = Counters::read();
     let (child, exited) = reaper
         .spawn(&SpawnSpec {
@@ -77,6 +114,7 @@ pub fn spawn(request: ExecRequest, roots: &Roots, reaper: &Reaper) -> Result<Spa
             env,
             cwd: &cwd,
             stdin_pipe: !request.stdin.is_empty(),
+            user,
         })
         .map_err(|e| {
             error_reply(
@@ -295,7 +333,22 @@ pub async fn run(spawned: Spawned, request_id: u64, out: Outbox) -> ExitReport {
 
 #[cfg(test)]
 mod tests {
-    use super::capped_len;
+    use super::{capped_len, user_env};
+
+    #[test]
+    fn user_env_from_passwd() {
+        let passwd = "root:x:0:0:root:/root:/bin/bash\nagent:x:1000:1000::/home/agent:/bin/bash\n";
+        assert_eq!(
+            user_env(passwd, 1000),
+            [
+                ("HOME".to_string(), "/home/agent".to_string()),
+                ("USER".into(), "agent".into()),
+                ("LOGNAME".into(), "agent".into())
+            ]
+        );
+        assert!(user_env(passwd, 4242).is_empty());
+        assert!(user_env("garbage\n", 0).is_empty());
+    }
 
     #[test]
     fn caps_output_at_the_limit() {

@@ -187,6 +187,13 @@ pub fn io_error(what: &str, path: &Path, e: &io::Error) -> ErrorReply {
     error_reply(kind, format!("{what} {}: {e}", path.display()))
 }
 
+/// Who owns uploaded files and the directories made for them: the user
+/// commands run as by default (`--default-user`, the agent image's `agent`),
+/// so an unprivileged agent can change its task files; else the agent itself.
+fn put_owner() -> Option<(u32, u32)> {
+    crate::exec::DEFAULT_USER.get().copied()
+}
+
 /// A file being uploaded: chunks go to a temporary file next to the target,
 /// which is renamed into place after the last chunk.
 #[derive(Debug)]
@@ -217,7 +224,14 @@ impl Upload {
                 format!("{:?} names no file", first.path),
             ));
         };
+        let created: Vec<&Path> = parent.ancestors().take_while(|d| !d.exists()).collect();
         fs::create_dir_all(parent).map_err(|e| io_error("cannot create directory", parent, &e))?;
+        if let Some((uid, gid)) = put_owner() {
+            for dir in created {
+                std::os::unix::fs::chown(dir, Some(uid), Some(gid))
+                    .map_err(|e| io_error("cannot change the owner of", dir, &e))?;
+            }
+        }
         let temp = parent.join(format!("{TEMP_PREFIX}{}-{request_id}", std::process::id()));
         let file = fs::OpenOptions::new()
             .write(true)
@@ -275,6 +289,10 @@ impl Upload {
                 "upload already finished",
             ));
         };
+        if let Some((uid, gid)) = put_owner() {
+            std::os::unix::fs::fchown(&file, Some(uid), Some(gid))
+                .map_err(|e| io_error("cannot change the owner of", &self.temp, &e))?;
+        }
         file.set_permissions(fs::Permissions::from_mode(mode & 0o7777))
             .map_err(|e| io_error("cannot set the mode of", &self.temp, &e))?;
         drop(file);

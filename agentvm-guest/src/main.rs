@@ -52,8 +52,17 @@ struct Cli {
     #[arg(long, value_name = "DIR", default_value = "/")]
     system_root: PathBuf,
 
+    /// Run commands as this `uid:gid` unless a request names a user
+    /// (the agent image passes its unprivileged `agent` user, 1000:1000).
+    #[arg(long, value_name = "UID:GID", value_parser = parse_default_user)]
+    default_user: Option<(u32, u32)>,
+
     #[command(flatten)]
     transport: TransportArgs,
+}
+
+fn parse_default_user(s: &str) -> Result<(u32, u32), String> {
+    spawn::parse_user(s).ok_or_else(|| format!("expected UID:GID, got {s:?}"))
 }
 
 /// Exactly one transport.
@@ -98,6 +107,11 @@ impl TransportArgs {
 }
 
 fn main() -> ExitCode {
+    // The run-as helper mode (spawned by the agent itself to run a command
+    // as another user) never returns when it works.
+    if let Some(code) = spawn::run_as_main() {
+        return ExitCode::from(code as u8);
+    }
     let pid1 = std::process::id() == 1;
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -108,6 +122,9 @@ fn main() -> ExitCode {
         Err(e) => e.exit(),
     };
     set_child_subreaper();
+    if let Some(user) = cli.default_user {
+        let _ = exec::DEFAULT_USER.set(user);
+    }
     if !pid1 {
         return match run(&cli, false) {
             Ok(()) => ExitCode::SUCCESS,

@@ -34,6 +34,101 @@ pub struct SpawnSpec<'a> {
     pub cwd: &'a Path,
     /// Give the command a stdin pipe (else `/dev/null`).
     pub stdin_pipe: bool,
+    /// Run as this (uid, gid) instead of the agent's own user. posix_spawn
+    /// cannot change credentials, so the agent's own binary is spawned in
+    /// its [`RUN_AS_ARG`] mode, which drops to the user and execs the program.
+    pub user: Option<(u32, u32)>,
+}
+
+/// First argument that makes `agentvm-guest` a tiny `setpriv`: drop to a
+/// uid/gid (no supplementary groups) and exec a program; see [`run_as_main`].
+pub const RUN_AS_ARG: &str = "--agentvm-run-as";
+
+/// The argv of the run-as helper: `[RUN_AS_ARG, "uid:gid", path, argv0, args...]`.
+pub fn run_as_argv(
+    uid: u32,
+    gid: u32,
+    program: &Path,
+    argv0: &str,
+    args: &[String],
+) -> Vec<Vec<u8>> {
+    let mut v = vec![
+        RUN_AS_ARG.as_bytes().to_vec(),
+        format!("{uid}:{gid}").into_bytes(),
+        program.as_os_str().as_bytes().to_vec(),
+        argv0.as_bytes().to_vec(),
+    ];
+    v.extend(args.iter().map(|a| a.as_bytes().to_vec()));
+    v
+}
+
+/// Parses `uid:gid`.
+pub fn parse_user(s: &str) -> Option<(u32, u32)> {
+    let (u, g) = s.split_once(':')?;
+    Some((u.parse().ok()?, g.parse().ok()?))
+}
+
+/// When this process was started as the run-as helper: drops privileges and
+/// execs the program; on failure prints why and returns exit code 127 (126
+/// for a credentials failure). Returns `None` for a normal start.
+pub fn run_as_main() -> Option<i32> {
+    let args: Vec<OsString> = std::env::args_os().collect();
+    if args.get(1).map(|a| a.as_bytes()) != Some(RUN_AS_ARG.as_bytes()) {
+        return None;
+    }
+    let fail = |code: i32, what: String| {
+        eprintln!("agentvm-guest: {what}");
+        Some(code)
+    };
+    let (Some(user), Some(path), Some(_argv0)) = (args.get(2), args.get(3), args.get(4)) else {
+        return fail(127, format!("{RUN_AS_ARG} needs uid:gid, a path and argv"));
+    };
+    let Some((uid, gid)) = user.to_str().and_then(parse_user) else {
+        return fail(127, format!("{RUN_AS_ARG}: bad uid:gid {user:?}"));
+    };
+    // SAFETY: plain syscalls with valid arguments (a NULL list with size 0).
+    let dropped = unsafe {
+        libc::setgroups(0, std::ptr::null()) == 0
+            && libc::setgid(gid) == 0
+            && libc::setuid(uid) == 0
+    };
+    if !dropped {
+        return fail(
+            126,
+            format!(
+                "cannot switch to uid {uid} gid {gid}: {}",
+                io::Error::last_os_error()
+            ),
+        );
+    }
+    let Ok(c_path) = CString::new(path.as_bytes()) else {
+        return fail(127, "program path holds a NUL byte".into());
+    };
+    let Ok(c_args) = args[4..]
+        .iter()
+        .map(|a| CString::new(a.as_bytes()))
+        .collect::<Result<Vec<_>, _>>()
+    else {
+        return fail(127, "an argument holds a NUL byte".into());
+    };
+    let ptrs: Vec<*const libc::c_char> = c_args
+        .iter()
+        .map(|a| a.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect();
+    // SAFETY: NUL-terminated strings and a NULL-terminated array that live
+    // across the call; execv only returns on failure.
+    unsafe { libc::execv(c_path.as_ptr(), ptrs.as_ptr()) };
+    let e = io::Error::last_os_error();
+    let code = if e.kind() == io::ErrorKind::NotFound {
+        127
+    } else {
+        126
+    };
+    fail(
+        code,
+        format!("cannot run {}: {e}", Path::new(path).display()),
+    )
 }
 
 /// A started command: its pid and the parent's ends of its pipes.
@@ -188,6 +283,12 @@ impl Drop for Attributes {
     }
 }
 
+/// The agent's own (uid, gid).
+fn current_user() -> (u32, u32) {
+    // SAFETY: getuid/getgid cannot fail.
+    unsafe { (libc::getuid(), libc::getgid()) }
+}
+
 /// Starts the command. Returns once it runs its program (or the exec failed).
 pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<SpawnedChild> {
     let path_var = spec
@@ -195,12 +296,27 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<SpawnedChild> {
         .iter()
         .find(|(k, _)| k == "PATH")
         .map(|(_, v)| v.as_os_str());
-    let mut argv = vec![c_string(spec.program.as_bytes(), "the program name")?];
+    let argv0 = c_string(spec.program.as_bytes(), "the program name")?;
     let program = find_program(spec.program, path_var, spec.cwd)?;
-    let c_program = c_string(program.as_os_str().as_bytes(), "the program path")?;
-    for arg in spec.args {
-        argv.push(c_string(arg.as_bytes(), "an argument")?);
-    }
+    let (c_program, argv) = match spec.user {
+        Some((uid, gid)) if (uid, gid) != current_user() => {
+            let mut argv = vec![c_string(b"agentvm-guest", "the program name")?];
+            for a in run_as_argv(uid, gid, &program, spec.program, spec.args) {
+                argv.push(c_string(&a, "an argument")?);
+            }
+            (c_string(b"/proc/self/exe", "the helper path")?, argv)
+        }
+        _ => {
+            let mut argv = vec![argv0];
+            for arg in spec.args {
+                argv.push(c_string(arg.as_bytes(), "an argument")?);
+            }
+            (
+                c_string(program.as_os_str().as_bytes(), "the program path")?,
+                argv,
+            )
+        }
+    };
     let mut envp = Vec::with_capacity(spec.env.len());
     for (k, v) in &spec.env {
         let mut entry = k.as_bytes().to_vec();
@@ -385,6 +501,7 @@ mod tests {
             env,
             cwd: &cwd,
             stdin_pipe: true,
+            user: None,
         })
         .unwrap();
         let mut stdin = std::fs::File::from(child.stdin.unwrap());
@@ -413,6 +530,30 @@ mod tests {
     }
 
     #[test]
+    fn run_as_helper_argv_and_user_parsing() {
+        let argv = run_as_argv(
+            1000,
+            1001,
+            Path::new("/usr/bin/git"),
+            "git",
+            &["init".into()],
+        );
+        let argv: Vec<String> = argv
+            .into_iter()
+            .map(|a| String::from_utf8(a).unwrap())
+            .collect();
+        assert_eq!(
+            argv,
+            [RUN_AS_ARG, "1000:1001", "/usr/bin/git", "git", "init"]
+        );
+        assert_eq!(parse_user("1000:1000"), Some((1000, 1000)));
+        assert_eq!(parse_user("0:0"), Some((0, 0)));
+        for bad in ["", "1000", "a:b", "1:", ":1", "-1:0"] {
+            assert_eq!(parse_user(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
     fn missing_programs_and_nul_bytes_are_errors() {
         let cwd = std::env::temp_dir();
         let spec = |program| SpawnSpec {
@@ -421,6 +562,7 @@ mod tests {
             env: Vec::new(),
             cwd: &cwd,
             stdin_pipe: false,
+            user: None,
         };
         let e = spawn(&spec("/no/such/program")).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::NotFound, "{e}");

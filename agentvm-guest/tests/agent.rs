@@ -1014,3 +1014,43 @@ async fn connect_transport() {
         .unwrap();
     assert!(status.success(), "{status:?}");
 }
+
+// ---------------------------------------------------------------- run as a user
+
+/// `user` in an exec request drops to that uid/gid through the agent's
+/// run-as helper, and the command gets that user's HOME/USER/LOGNAME.
+#[tokio::test]
+async fn exec_as_another_user() {
+    // SAFETY: getuid cannot fail.
+    if unsafe { libc::getuid() } != 0 {
+        eprintln!("skipped: switching users needs the agent to run as root");
+        return;
+    }
+    let agent = Agent::start();
+    let (mut client, _) = agent.connect().await;
+    let mut req = sh("id -u; id -g; id -G; echo \"$USER\"");
+    req.user = Some(agentvm_runtime::protocol::ExecUser {
+        uid: 65534,
+        gid: 65534,
+    });
+    let out = client.exec(1, req).await;
+    assert_eq!(out.exit.status, ExitStatus::Code(0), "{out:?}");
+    let text = out.stdout_text();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(&lines[..3], ["65534", "65534", "65534"], "{text}");
+    assert_eq!(lines[3], "nobody", "{text}");
+    // Without a user (and no --default-user) the command runs as the agent.
+    let out = client.exec(2, sh("id -u")).await;
+    assert_eq!(out.stdout_text(), "0\n");
+    // A program the user may not run: a clear exit code, not a hang.
+    let mut req = cmd(&["/root/../proc/1/exe"]);
+    req.user = Some(agentvm_runtime::protocol::ExecUser {
+        uid: 65534,
+        gid: 65534,
+    });
+    let out = client.exec(3, req).await;
+    assert!(
+        matches!(out.exit.status, ExitStatus::Code(126 | 127)),
+        "{out:?}"
+    );
+}

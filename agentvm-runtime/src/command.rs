@@ -31,6 +31,7 @@ impl Command {
                 timeout: Some(DEFAULT_EXEC_TIMEOUT),
                 kill_grace: DEFAULT_KILL_GRACE,
                 output_limit: DEFAULT_OUTPUT_LIMIT,
+                user: None,
             },
         }
     }
@@ -107,6 +108,18 @@ impl Command {
     pub fn output_limit(mut self, bytes: u64) -> Self {
         self.request.output_limit = bytes;
         self
+    }
+
+    /// Runs as this uid/gid instead of the guest's default user (the agent
+    /// image's default is the unprivileged `agent`, 1000:1000).
+    pub fn user(mut self, uid: u32, gid: u32) -> Self {
+        self.request.user = Some(crate::protocol::ExecUser { uid, gid });
+        self
+    }
+
+    /// Runs as root (uid 0), whatever the guest's default user is.
+    pub fn as_root(self) -> Self {
+        self.user(0, 0)
     }
 
     /// The program and arguments.

@@ -1354,6 +1354,7 @@ max_uses = 10
             kernel: "/k".into(),
             initramfs: "/i".into(),
             cmdline: "console=ttyS0".into(),
+            rootfs: None,
         };
         let spec = c.vm_spec(image.clone());
         assert_eq!(spec.image, image);

@@ -5,7 +5,9 @@
 //! last, so a directory with a manifest holds a complete image. From the
 //! manifest this module reads the kernel command line (`"cmdline"`) and,
 //! when present, the file names of the kernel and initramfs
-//! (`"vmlinuz": {"file": ...}`, `"initramfs": {"file": ...}`); every other
+//! (`"vmlinuz": {"file": ...}`, `"initramfs": {"file": ...}`), and the
+//! read-only root file system disk of images that have one
+//! (`"rootfs": {"file": ..., "size": ...}`, the `agent` image); every other
 //! field is ignored.
 
 use std::path::{Path, PathBuf};
@@ -30,11 +32,15 @@ struct Manifest {
     vmlinuz: Option<FileRef>,
     #[serde(default)]
     initramfs: Option<FileRef>,
+    #[serde(default)]
+    rootfs: Option<FileRef>,
 }
 
 #[derive(Debug, Deserialize)]
 struct FileRef {
     file: String,
+    #[serde(default)]
+    size: Option<u64>,
 }
 
 /// The command that builds image `name`.
@@ -90,33 +96,80 @@ pub fn locate_image(name: &str, images_dir: &Path) -> Result<ImagePaths, Backend
     })?;
     let file = |entry: Option<FileRef>, default: &str| -> Result<PathBuf, BackendError> {
         let file_name = entry.map_or_else(|| default.to_string(), |f| f.file);
-        // The manifest is written by our builder, but keep it inside the image dir.
-        let plain = Path::new(&file_name)
-            .file_name()
-            .is_some_and(|n| n == file_name.as_str());
-        if !plain {
-            return Err(BackendError::Io {
-                context: format!(
-                    "guest image manifest {} names a file outside the image: {file_name:?}",
-                    manifest_path.display()
-                ),
-                source: std::io::Error::from(std::io::ErrorKind::InvalidData),
-            });
-        }
-        let path = dir.join(&file_name);
-        if path.is_file() {
-            Ok(path)
-        } else {
-            Err(missing(path))
-        }
+        locate_file(name, &dir, &manifest_path, file_name)
     };
     let kernel = file(manifest.vmlinuz, KERNEL_FILE)?;
     let initramfs = file(manifest.initramfs, INITRAMFS_FILE)?;
+    let rootfs = match manifest.rootfs {
+        Some(r) => {
+            let path = locate_file(name, &dir, &manifest_path, r.file)?;
+            if let Some(expected) = r.size {
+                check_size(name, &path, expected)?;
+            }
+            Some(path)
+        }
+        None => None,
+    };
     Ok(ImagePaths {
         name: name.to_string(),
         kernel,
         initramfs,
         cmdline: manifest.cmdline,
+        rootfs,
+    })
+}
+
+/// A file the manifest names: inside the image directory, and present.
+fn locate_file(
+    name: &str,
+    dir: &Path,
+    manifest_path: &Path,
+    file_name: String,
+) -> Result<PathBuf, BackendError> {
+    // The manifest is written by our builder, but keep it inside the image dir.
+    let plain = Path::new(&file_name)
+        .file_name()
+        .is_some_and(|n| n == file_name.as_str());
+    if !plain {
+        return Err(BackendError::Io {
+            context: format!(
+                "guest image manifest {} names a file outside the image: {file_name:?}",
+                manifest_path.display()
+            ),
+            source: std::io::Error::from(std::io::ErrorKind::InvalidData),
+        });
+    }
+    let path = dir.join(&file_name);
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(BackendError::MissingImage {
+            name: name.to_string(),
+            path,
+        })
+    }
+}
+
+/// A root file system disk whose size is not the manifest's was truncated
+/// or replaced: booting it would fail in the guest, so say so here.
+fn check_size(name: &str, path: &Path, expected: u64) -> Result<(), BackendError> {
+    let actual = std::fs::metadata(path)
+        .map_err(|source| BackendError::Io {
+            context: format!("cannot read guest image file {}", path.display()),
+            source,
+        })?
+        .len();
+    if actual == expected {
+        return Ok(());
+    }
+    Err(BackendError::Io {
+        context: format!(
+            "guest image file {} is {actual} bytes but its manifest says {expected}: \
+             it is truncated or was replaced (rebuild it with `{} --force`)",
+            path.display(),
+            build_command(name)
+        ),
+        source: std::io::Error::from(std::io::ErrorKind::InvalidData),
     })
 }
 
@@ -167,6 +220,7 @@ mod tests {
                 kernel: dir.join("vmlinuz"),
                 initramfs: dir.join("initramfs.cpio.gz"),
                 cmdline: "console=ttyS0 panic=1".into(),
+                rootfs: None,
             }
         );
     }
@@ -214,6 +268,36 @@ mod tests {
         assert!(e.contains("outside the image"), "{e}");
         let e = locate_image("../x", &tmp.0).unwrap_err().to_string();
         assert!(e.contains("invalid guest image name"), "{e}");
+    }
+
+    #[test]
+    fn rootfs_disk_is_located_and_size_checked() {
+        let tmp = TempDir::new("rootfs");
+        let dir = write_image(
+            &tmp.0,
+            "agent",
+            r#"{"cmdline": "", "rootfs": {"file": "rootfs.erofs", "size": 4, "fs_type": "erofs"}}"#,
+        );
+        // Missing disk: a missing image.
+        let e = locate_image("agent", &tmp.0).unwrap_err();
+        assert!(
+            matches!(&e, BackendError::MissingImage { path, .. } if path == &dir.join("rootfs.erofs")),
+            "{e:?}"
+        );
+        std::fs::write(dir.join("rootfs.erofs"), b"abcd").unwrap();
+        let image = locate_image("agent", &tmp.0).unwrap();
+        assert_eq!(image.rootfs, Some(dir.join("rootfs.erofs")));
+        // Truncated disk: a clear error that says how to rebuild.
+        std::fs::write(dir.join("rootfs.erofs"), b"ab").unwrap();
+        let e = locate_image("agent", &tmp.0).unwrap_err().to_string();
+        assert!(
+            e.contains("is 2 bytes but its manifest says 4")
+                && e.contains("cargo xtask build-image --name agent --force"),
+            "{e}"
+        );
+        // Images without a disk have none.
+        write_image(&tmp.0, "default", r#"{"cmdline": ""}"#);
+        assert_eq!(locate_image("default", &tmp.0).unwrap().rootfs, None);
     }
 
     #[test]

@@ -98,6 +98,20 @@ pub struct ImagePaths {
     pub initramfs: PathBuf,
     /// Extra kernel command line for this image.
     pub cmdline: String,
+    /// The read-only root file system disk (the `agent` image), attached
+    /// read-only to every VM (shared, never copied) as the first virtio disk.
+    #[serde(default)]
+    pub rootfs: Option<PathBuf>,
+}
+
+impl ImagePaths {
+    /// Every file QEMU reads: the kernel, the initramfs and the root file
+    /// system disk when there is one.
+    pub fn files(&self) -> Vec<&std::path::Path> {
+        let mut files = vec![self.kernel.as_path(), self.initramfs.as_path()];
+        files.extend(self.rootfs.as_deref());
+        files
+    }
 }
 
 /// Everything needed to launch one VM.

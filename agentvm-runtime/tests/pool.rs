@@ -18,6 +18,7 @@ fn spec() -> VmSpec {
             kernel: "/nonexistent/vmlinuz".into(),
             initramfs: "/nonexistent/initramfs".into(),
             cmdline: String::new(),
+            rootfs: None,
         },
         profile: ResourceProfile::Minimal,
         network: NetworkMode::Isolated,

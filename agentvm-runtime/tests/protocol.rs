@@ -83,6 +83,7 @@ fn message() -> impl Strategy<Value = Message> {
                         timeout,
                         kill_grace,
                         output_limit,
+                        user: None,
                     })
                 }
             ),

@@ -255,9 +255,7 @@ async fn qemu_runs_under_seccomp_as_its_own_user() {
     assert_eq!(field("Seccomp:"), "2", "seccomp filter mode");
     let uid: u32 = field("Uid:").parse().unwrap();
     let ours = rustix_uid();
-    let readable = jail
-        .check_readable(&[spec.image.kernel.as_path(), spec.image.initramfs.as_path()])
-        .is_ok();
+    let readable = jail.check_readable(&spec.image.files()).is_ok();
     match &jail.user {
         Some(user) if readable => assert_eq!(uid, user.uid, "QEMU runs as {}", user.name),
         Some(_) => assert_eq!(uid, 0, "root, because the image is not readable by others"),

@@ -168,6 +168,10 @@ pub fn run_tests(mut args: Arguments, tests: &[&'static TestCase]) -> i32 {
                 Some(Some(reason)) if !run_ignored => {
                     Trial::ignorable_test(name, move || Ok(Completion::ignored_with(reason)))
                 }
+                None if missing_image(&harness.config, case).is_some() => {
+                    let reason = missing_image(&harness.config, case).unwrap_or_default();
+                    Trial::ignorable_test(name, move || Ok(Completion::ignored_with(reason)))
+                }
                 ignore => {
                     let harness = Arc::clone(&harness);
                     Trial::test(name, move || harness.run(case)).with_ignored_flag(ignore.is_some())
@@ -741,6 +745,24 @@ fn install_panic_hook() {
             }
         }));
     });
+}
+
+/// Images whose tests are reported ignored at run time (with the command
+/// that builds them) when the image is not built: the Debian `agent` image
+/// is a large, optional build (`cargo xtask build-image --name agent`). A
+/// test of any other missing image fails, saying how to build it.
+const OPTIONAL_IMAGES: &[&str] = &["agent"];
+
+/// The ignore reason of a test whose optional image is not built.
+fn missing_image(config: &Result<AgentVmConfig, String>, case: &TestCase) -> Option<String> {
+    let config = config.as_ref().ok()?;
+    let image = case.config.image.filter(|i| OPTIONAL_IMAGES.contains(i))?;
+    match locate_image(image, &config.image_dir) {
+        Err(e @ BackendError::MissingImage { .. }) => {
+            Some(format!("image {image:?} is not built: {e}"))
+        }
+        _ => None,
+    }
 }
 
 fn image_error(error: &BackendError) -> String {

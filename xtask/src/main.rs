@@ -78,6 +78,38 @@ mod tests {
         assert_eq!(a.name, "x");
         assert!(a.force);
         assert_eq!(a.kernel_package, "linux-image-cloud-amd64");
+        assert!(!a.wants_rootfs());
+        let cli = Cli::try_parse_from([
+            "xtask",
+            "build-image",
+            "--image",
+            "agent",
+            "--with",
+            "claude-code,codex",
+        ])
+        .unwrap();
+        let Command::BuildImage(a) = cli.command else {
+            panic!("parsed as build-image")
+        };
+        assert_eq!(a.name, "agent");
+        assert_eq!(a.with, ["claude-code", "codex"]);
+        assert!(a.wants_rootfs());
+        assert_eq!(a.rootfs_format, image::rootfs::RootfsFormat::Erofs);
+        let cli = Cli::try_parse_from([
+            "xtask",
+            "build-image",
+            "--name",
+            "sq",
+            "--rootfs",
+            "--rootfs-format",
+            "squashfs",
+        ])
+        .unwrap();
+        let Command::BuildImage(a) = cli.command else {
+            panic!("parsed as build-image")
+        };
+        assert!(a.wants_rootfs());
+        assert_eq!(a.rootfs_format, image::rootfs::RootfsFormat::Squashfs);
         let cli = Cli::try_parse_from(["xtask", "bench", "--quick", "--json", "out.json"]).unwrap();
         let Command::Bench(b) = cli.command else {
             panic!("parsed as bench")

@@ -1,5 +1,7 @@
 //! The composite commands: `setup` (packages + guest image), `test` (all tests)
-//! and `demo` (the example agent suite in real VMs).
+//! and `demo` (the example agent suite in real VMs). `test` and `demo` also
+//! build the Debian `agent` image with the Claude Code and Codex recipes
+//! (cached by content hash: a rerun takes seconds).
 
 use std::process::Command;
 
@@ -13,7 +15,30 @@ const REQUIRED_TOOLS: &[(&str, &str)] = &[
     ("qemu-system-x86_64", "qemu-system-x86"),
     ("qemu-img", "qemu-utils"),
     ("busybox", "busybox-static"),
+    ("mmdebstrap", "mmdebstrap"),
+    ("mkfs.erofs", "erofs-utils"),
 ];
+
+/// Recipes the `agent` image of `test` and `demo` is built with.
+pub const AGENT_RECIPES: &[&str] = &["claude-code", "codex"];
+
+/// Builds (or finds cached) the `agent` image with [`AGENT_RECIPES`] and
+/// reports how long that took.
+pub fn build_agent_image(progress: &Progress) -> Result<()> {
+    progress.step(format!(
+        "agent image (Debian bookworm root file system, recipes {})",
+        AGENT_RECIPES.join(",")
+    ));
+    let started = std::time::Instant::now();
+    image::run(BuildImageArgs::agent(AGENT_RECIPES)).context(
+        "building the agent image failed (it needs the Debian archive and the npm registry)",
+    )?;
+    progress.note(format!(
+        "agent image ready in {:.1} s",
+        started.elapsed().as_secs_f64()
+    ));
+    Ok(())
+}
 
 #[derive(Debug, clap::Args)]
 pub struct SetupArgs {
@@ -79,12 +104,14 @@ const LIBVIRT_FEATURES: &str = "agentvm-runtime/libvirt,agentvm-test/libvirt";
 pub fn test(args: &TestArgs) -> Result<()> {
     setup(&SetupArgs { no_install: false })?;
     let progress = Progress::new();
+    build_agent_image(&progress)?;
     if args.no_libvirt {
         progress.step("cargo test --workspace (without libvirt)");
-        return run(
+        run(
             cargo().args(["test", "--workspace"]).args(&args.args),
             "cargo test --workspace",
-        );
+        )?;
+        return agent_image_boot_tests(&progress);
     }
     start_libvirt(&progress)?;
     progress.step(format!(
@@ -116,6 +143,33 @@ pub fn test(args: &TestArgs) -> Result<()> {
             .args(["--features", "agentvm-test/libvirt"])
             .env("AGENT_VM_BACKEND", "libvirt"),
         "the example agent suite on libvirt",
+    )?;
+    progress.step("agent image suite on the libvirt backend (read-only shared disk)");
+    run(
+        cargo()
+            .args(["test", "-p", "agent-suite", "--test", "agent_image"])
+            .args(["--features", "agentvm-test/libvirt"])
+            .env("AGENT_VM_BACKEND", "libvirt"),
+        "the agent image suite on libvirt",
+    )?;
+    agent_image_boot_tests(&progress)
+}
+
+/// The agent image's own boot tests (ignored by a plain `cargo test`
+/// because they need that image, which is built above).
+fn agent_image_boot_tests(progress: &Progress) -> Result<()> {
+    progress.step("agent image boot tests (agentvm-runtime --test agent_image --ignored)");
+    run(
+        cargo().args([
+            "test",
+            "-p",
+            "agentvm-runtime",
+            "--test",
+            "agent_image",
+            "--",
+            "--ignored",
+        ]),
+        "the agent image boot tests",
     )
 }
 
@@ -145,12 +199,20 @@ fn start_libvirt(progress: &Progress) -> Result<()> {
 pub fn demo(args: &[String]) -> Result<()> {
     setup(&SetupArgs { no_install: false })?;
     let progress = Progress::new();
+    build_agent_image(&progress)?;
     progress.step("example agent suite (examples/agent-suite) in real VMs");
     run(
         cargo()
             .args(["test", "-p", "agent-suite", "--test", "agents", "--"])
             .args(args),
         "the example agent suite",
+    )?;
+    progress.step("agent image suite (examples/agent-suite --test agent_image)");
+    run(
+        cargo()
+            .args(["test", "-p", "agent-suite", "--test", "agent_image", "--"])
+            .args(args),
+        "the agent image suite",
     )
 }
 

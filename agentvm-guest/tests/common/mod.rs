@@ -253,6 +253,7 @@ pub fn cmd(argv: &[&str]) -> ExecRequest {
         timeout: Some(Duration::from_secs(30)),
         kill_grace: Duration::from_secs(1),
         output_limit: 16 * 1024 * 1024,
+        user: None,
     }
 }
 

@@ -176,6 +176,24 @@ pub struct ExecRequest {
     /// Most bytes of each of stdout and stderr captured; the rest is read and
     /// dropped and the exit report says so.
     pub output_limit: u64,
+    /// Run as this user. `None`: the guest's default user (`agent` in the
+    /// agent image, root in the busybox image).
+    #[serde(default)]
+    pub user: Option<ExecUser>,
+}
+
+/// A user a command runs as: uid and gid; supplementary groups are cleared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecUser {
+    /// User id.
+    pub uid: u32,
+    /// Group id.
+    pub gid: u32,
+}
+
+impl ExecUser {
+    /// uid 0, gid 0.
+    pub const ROOT: Self = Self { uid: 0, gid: 0 };
 }
 
 /// Which output stream a chunk came from.

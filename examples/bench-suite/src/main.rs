@@ -8,7 +8,12 @@
 //! ```text
 //! agentvm-bench --json out.json [--boots 5] [--reverts 30] [--execs 200]
 //!               [--acquires 200] [--file-mib 16] [--file-rounds 3] [--warmup-vms 4]
+//!               [--revert-write-mib 0]
 //! ```
+//!
+//! `--revert-write-mib N` makes the change before each revert also write N
+//! MiB outside the workspace (`/tmp/agentvm-fill`), so the revert has that
+//! much guest memory to undo (the `agent` image rows of `cargo xtask bench`).
 //!
 //! Phases, in order: cold boots (the last VM is kept) → reverts → exec
 //! round trips → file put/get → pool warm-up of `--warmup-vms` VMs →
@@ -54,6 +59,7 @@ struct Args {
     file_mib: usize,
     file_rounds: usize,
     warmup_vms: usize,
+    revert_write_mib: usize,
 }
 
 impl Args {
@@ -67,6 +73,7 @@ impl Args {
             file_mib: 16,
             file_rounds: 3,
             warmup_vms: 4,
+            revert_write_mib: 0,
         };
         let mut json = None;
         while let Some(flag) = argv.next() {
@@ -89,6 +96,11 @@ impl Args {
                 "--file-mib" => args.file_mib = count()?,
                 "--file-rounds" => args.file_rounds = count()?,
                 "--warmup-vms" => args.warmup_vms = count()?,
+                "--revert-write-mib" => {
+                    args.revert_write_mib = value
+                        .parse()
+                        .with_context(|| format!("{flag}: {value:?} is not a whole number"))?
+                }
                 other => bail!("unknown argument {other:?} (see the doc comment of agentvm-bench)"),
             }
         }
@@ -371,11 +383,16 @@ async fn run(args: &Args) -> Result<Raw> {
         "revert to the golden snapshot, n = {}",
         args.reverts
     ));
-    vm.exec(Command::shell("echo start > /workspace/f")).await?;
+    let fill = match args.revert_write_mib {
+        0 => String::new(),
+        mib => format!(" && head -c {} /dev/zero > /tmp/agentvm-fill", mib << 20),
+    };
+    vm.exec(Command::shell(format!("echo start > /workspace/f{fill}")))
+        .await?;
     for i in 0..args.reverts {
         let t = vm.revert().await?;
         let start = Instant::now();
-        vm.exec(Command::shell(format!("echo {i} > /workspace/f")))
+        vm.exec(Command::shell(format!("echo {i} > /workspace/f{fill}")))
             .await?;
         raw.reverts.push(Revert {
             total_ms: ms(t.total),

@@ -16,6 +16,7 @@
 //! while a thread samples the memory of every process below this one
 //! ([`procs`]). Percentiles are computed here ([`stats`]).
 
+mod agent_image;
 mod machine;
 mod procs;
 mod progress;
@@ -201,7 +202,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let (raw, [pooled_first_run, pooled, naive, naive_serial]) = result?;
     machine.finish();
 
-    let report = Report::build(Inputs {
+    let mut report = Report::build(Inputs {
         quick: args.quick,
         backend: args.backend.name().into(),
         started_at,
@@ -217,6 +218,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         memory,
         artifacts_dir: out_dir.display().to_string(),
     });
+    if args.backend == BackendArg::Qemu {
+        report.agent_image = measure_agent_image(&printer, &root, &out_dir, &programs, args.quick)?;
+    }
     if let Some(dir) = json_path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
@@ -225,7 +229,66 @@ pub fn run(args: BenchArgs) -> Result<()> {
         .with_context(|| format!("writing {}", json_path.display()))?;
     printer.phase(format!("report written to {}", json_path.display()));
     println!("\n{}", report.render());
+    if let Some(agent) = &report.agent_image {
+        println!("{}", agent.render());
+    }
     Ok(())
+}
+
+/// The `agent` image rows: the measuring program again, with that image,
+/// when it is built (else `None`, and a note how to build it).
+fn measure_agent_image(
+    printer: &Printer,
+    root: &Path,
+    out_dir: &Path,
+    programs: &Programs,
+    quick: bool,
+) -> Result<Option<agent_image::AgentImageReport>> {
+    let image_dir = root.join("target/agentvm/images").join(agent_image::IMAGE);
+    let Some((_, rootfs_bytes)) = agent_image::rootfs_of(&image_dir) else {
+        printer.phase(format!(
+            "agent image: not built, no rows (cargo xtask build-image --name {})",
+            agent_image::IMAGE
+        ));
+        return Ok(None);
+    };
+    printer.phase(format!(
+        "agent image {:?} ({} profile): boots, reverts after writing {} MiB, exec",
+        agent_image::IMAGE,
+        agent_image::PROFILE,
+        agent_image::WRITE_MIB
+    ));
+    let raw_path = out_dir.join("raw-agent-image.json");
+    let _ = std::fs::remove_file(&raw_path);
+    let mut command = Command::new(&programs.bench);
+    command
+        .args(agent_image::bench_args(&raw_path, quick))
+        .current_dir(root)
+        .env("AGENT_VM_BACKEND", "qemu")
+        .env("AGENT_VM_IMAGE", agent_image::IMAGE)
+        .env("AGENT_VM_PROFILE", agent_image::PROFILE)
+        .stdin(Stdio::null())
+        .stdout(Stdio::inherit())
+        .stderr(Stdio::piped());
+    let mut child = command
+        .spawn()
+        .with_context(|| format!("starting {}", programs.bench.display()))?;
+    for line in BufReader::new(child.stderr.take().expect("piped stderr")).lines() {
+        printer.emit(Event::from_child_line(&line?));
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        bail!(
+            "{} (agent image) failed ({status}); see its messages above",
+            programs.bench.display()
+        );
+    }
+    let raw = Raw::parse(
+        &std::fs::read_to_string(&raw_path)
+            .with_context(|| format!("reading {}", raw_path.display()))?,
+    )
+    .with_context(|| format!("reading {}", raw_path.display()))?;
+    Ok(agent_image::AgentImageReport::build(&raw, rootfs_bytes))
 }
 
 struct Programs {

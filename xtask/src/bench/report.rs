@@ -169,6 +169,8 @@ pub struct Report {
     pub where_the_time_goes: Vec<String>,
     /// Raw samples and the suite logs.
     pub artifacts_dir: String,
+    /// The Debian `agent` image, when built (`null` otherwise).
+    pub agent_image: Option<super::agent_image::AgentImageReport>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -516,6 +518,7 @@ impl Report {
             targets,
             where_the_time_goes: Vec::new(),
             artifacts_dir,
+            agent_image: None,
         };
         report.where_the_time_goes = report.explain();
         report

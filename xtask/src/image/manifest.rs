@@ -23,6 +23,10 @@ pub struct Inputs {
     /// Module names in load order.
     pub modules: Vec<String>,
     pub cmdline: String,
+    /// Key of the root file system ([`super::rootfs::RootfsInputs::key`]);
+    /// only images with a root file system (`agent`) have one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rootfs_key: Option<String>,
 }
 
 impl Inputs {
@@ -41,7 +45,8 @@ impl Inputs {
             ("cmdline", self.cmdline.clone()),
         ];
         let mut s = String::from("agentvm-image-key\n");
-        for (k, v) in lines {
+        let rootfs = self.rootfs_key.clone().map(|k| ("rootfs_key", k));
+        for (k, v) in lines.into_iter().chain(rootfs) {
             s.push_str(k);
             s.push('=');
             s.push_str(&v.replace('\\', "\\\\").replace('\n', "\\n"));
@@ -88,6 +93,36 @@ pub struct ModuleInfo {
     pub depends: Vec<String>,
 }
 
+/// The root file system disk of an image.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RootfsManifest {
+    /// File name in the image directory (attached read-only as a virtio
+    /// disk with serial `agentvm-rootfs`).
+    pub file: String,
+    pub size: u64,
+    /// `erofs` or `squashfs`.
+    pub fs_type: String,
+    pub suite: String,
+    pub mirror: String,
+    pub key: String,
+    pub unpacked_bytes: u64,
+    pub mmdebstrap_seconds: f64,
+    pub pack_seconds: f64,
+    /// Every Debian package with its version.
+    pub packages: Vec<super::rootfs::DebPackage>,
+    /// Installed agent recipes with every package's version and hash.
+    pub agents: Vec<super::recipe::Installed>,
+}
+
+/// A guest user.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserInfo {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub home: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
     pub name: String,
@@ -109,6 +144,12 @@ pub struct Manifest {
     pub modules_unavailable: Vec<String>,
     pub vmlinuz: FileInfo,
     pub initramfs: FileInfo,
+    /// The read-only root file system disk (`agent` image only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rootfs: Option<RootfsManifest>,
+    /// The user commands run as unless a request says otherwise (`None`: root).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_user: Option<UserInfo>,
     pub inputs: Inputs,
     /// RFC 3339 UTC.
     pub built_at: String,
@@ -147,6 +188,7 @@ mod tests {
                 "virtio_console".into(),
             ],
             cmdline: "console=ttyS0 panic=1 quiet".into(),
+            rootfs_key: None,
         }
     }
 
@@ -164,7 +206,7 @@ mod tests {
     #[test]
     fn key_changes_with_every_input() {
         let base = inputs().key();
-        let variants: [fn(&mut Inputs); 9] = [
+        let variants: [fn(&mut Inputs); 10] = [
             |i| i.format_version += 1,
             |i| i.guest_sha256 = "ab".repeat(32),
             |i| i.kernel_package.push('x'),
@@ -176,6 +218,7 @@ mod tests {
                 i.modules.pop();
             },
             |i| i.cmdline.push_str(" debug"),
+            |i| i.rootfs_key = Some("ee".repeat(32)),
         ];
         for (n, change) in variants.iter().enumerate() {
             let mut i = inputs();
@@ -234,6 +277,8 @@ mod tests {
                 size: 3,
                 sha256: "dd".into(),
             },
+            rootfs: None,
+            default_user: None,
             inputs: inputs(),
             built_at: "1970-01-01T00:00:00Z".into(),
             build_seconds: 1.5,

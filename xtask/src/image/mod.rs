@@ -2,7 +2,10 @@
 //! agentvm backends boot directly (`-kernel vmlinuz -initrd initramfs.cpio.gz
 //! -append <cmdline>`).
 //!
-//! Output, in `<out>/<name>/`: `vmlinuz`, `initramfs.cpio.gz`, `manifest.json`.
+//! Output, in `<out>/<name>/`: `vmlinuz`, `initramfs.cpio.gz`, `manifest.json`,
+//! and for the `agent` image (or `--rootfs`, `--with`) `rootfs.erofs`: a
+//! Debian root file system ([`rootfs`]) with agent recipes ([`recipe`]),
+//! which the initramfs init mounts under a tmpfs overlay and switch_roots to.
 //! The manifest is written last and removed first on a rebuild, so a
 //! directory with a manifest always holds a complete image.
 
@@ -14,6 +17,8 @@ pub mod initramfs;
 pub mod kernel;
 pub mod manifest;
 pub mod modules;
+pub mod recipe;
+pub mod rootfs;
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -23,7 +28,11 @@ use anyhow::{bail, Context, Result};
 
 use crate::util::{rfc3339_utc, sha256_file, sha256_hex, workspace_root, write_atomic, Progress};
 use initramfs::Tree;
-use manifest::{BusyboxInfo, FileInfo, GuestInfo, Inputs, KernelInfo, Manifest, ModuleInfo};
+use manifest::{
+    BusyboxInfo, FileInfo, GuestInfo, Inputs, KernelInfo, Manifest, ModuleInfo, RootfsManifest,
+    UserInfo,
+};
+use rootfs::{RootfsFormat, RootfsInputs};
 
 /// Kernel command line for the image. `quiet` keeps the serial console to
 /// the init script's and the agent's lines; drop it by hand to debug a boot.
@@ -47,12 +56,31 @@ pub const GUEST_PATH: &str = "usr/bin/agentvm-guest";
 pub const VMLINUZ: &str = "vmlinuz";
 pub const INITRAMFS: &str = "initramfs.cpio.gz";
 pub const MANIFEST: &str = "manifest.json";
+/// The image name that gets a Debian root file system by default.
+pub const AGENT_IMAGE: &str = "agent";
+/// Serial number of the root file system disk (the backends set it; the
+/// guest's init finds the disk by `/sys/block/vd*/serial`, whatever its name).
+pub const ROOTFS_SERIAL: &str = "agentvm-rootfs";
 
 #[derive(Debug, clap::Args)]
 pub struct BuildImageArgs {
-    /// Image name: the output goes to <out>/<name>/.
-    #[arg(long, default_value = "default")]
+    /// Image name: the output goes to <out>/<name>/. `agent` gets a Debian
+    /// root file system (see --rootfs).
+    #[arg(long, visible_alias = "image", default_value = "default")]
     pub name: String,
+    /// Build a Debian root file system disk (default for `--name agent`).
+    #[arg(long)]
+    pub rootfs: bool,
+    /// Agent recipes to install (images/recipes/<name>.toml), comma separated;
+    /// implies --rootfs.
+    #[arg(long = "with", value_delimiter = ',', value_name = "RECIPE,...")]
+    pub with: Vec<String>,
+    /// How the root file system is packed.
+    #[arg(long, value_enum, default_value_t = RootfsFormat::Erofs)]
+    pub rootfs_format: RootfsFormat,
+    /// Debian archive URL [default: the host's apt source for bookworm].
+    #[arg(long, value_name = "URL")]
+    pub mirror: Option<String>,
     /// Output directory [default: <workspace>/target/agentvm/images].
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -82,6 +110,10 @@ impl BuildImageArgs {
     pub fn defaults() -> Self {
         Self {
             name: "default".into(),
+            rootfs: false,
+            with: Vec::new(),
+            rootfs_format: RootfsFormat::Erofs,
+            mirror: None,
             out: None,
             force: false,
             kernel_package: kernel::DEFAULT_PACKAGE.into(),
@@ -91,10 +123,31 @@ impl BuildImageArgs {
             cache: None,
         }
     }
+
+    /// The arguments of `cargo xtask build-image --name agent --with <recipes>`.
+    pub fn agent(with: &[&str]) -> Self {
+        Self {
+            name: AGENT_IMAGE.into(),
+            with: with.iter().map(|s| s.to_string()).collect(),
+            ..Self::defaults()
+        }
+    }
+
+    /// Whether this image gets a root file system disk.
+    pub fn wants_rootfs(&self) -> bool {
+        self.rootfs || self.name == AGENT_IMAGE || !self.with.is_empty()
+    }
 }
 
 pub fn run(args: BuildImageArgs) -> Result<()> {
     check_name(&args.name)?;
+    if args.wants_rootfs() && args.name == "default" {
+        bail!(
+            "the default image is the busybox one that the framework's own tests expect: \
+             build a root file system image under another name (`--name agent --with {}`)",
+            args.with.join(",")
+        );
+    }
     let root = workspace_root();
     let agentvm_dir = root.join("target").join("agentvm");
     let out_dir = args
@@ -156,7 +209,12 @@ pub fn run(args: BuildImageArgs) -> Result<()> {
     let kernel = kernel::fetch(&kinfo, &cache, &progress)?;
 
     progress.step("selecting kernel modules (depends= from .modinfo)");
-    let sel = modules::select(&kernel.modules_dir)?;
+    let extra_modules: Vec<&str> = if args.wants_rootfs() {
+        vec!["virtio_blk", args.rootfs_format.fs_type(), "overlay"]
+    } else {
+        Vec::new()
+    };
+    let sel = modules::select(&kernel.modules_dir, &extra_modules)?;
     let names: Vec<String> = sel.modules.iter().map(|m| m.name.clone()).collect();
     progress.note(format!("load order: {}", names.join(" ")));
     if !sel.builtin.is_empty() {
@@ -169,6 +227,28 @@ pub fn run(args: BuildImageArgs) -> Result<()> {
         ));
     }
 
+    let rootfs_plan = if args.wants_rootfs() {
+        let recipes = recipe::load(&root.join("images").join("recipes"), &args.with)?;
+        let mirror = match &args.mirror {
+            Some(m) => m.trim_end_matches('/').to_string(),
+            None => rootfs::host_mirror(rootfs::SUITE)?,
+        };
+        let rin = RootfsInputs {
+            suite: rootfs::SUITE.into(),
+            mirror,
+            packages: rootfs::PACKAGES.iter().map(|p| p.to_string()).collect(),
+            setup_sha256: sha256_hex(rootfs::SETUP_SCRIPT.as_bytes()),
+            format: args.rootfs_format,
+            recipes: recipes
+                .iter()
+                .map(|r| format!("{}={}", r.name, r.sha256))
+                .collect(),
+        };
+        Some((rin, recipes))
+    } else {
+        None
+    };
+
     let inputs = Inputs {
         format_version: manifest::FORMAT_VERSION,
         guest_sha256: guest_sha256.clone(),
@@ -178,6 +258,7 @@ pub fn run(args: BuildImageArgs) -> Result<()> {
         init_sha256: sha256_hex(&init),
         modules: names,
         cmdline: CMDLINE.to_string(),
+        rootfs_key: rootfs_plan.as_ref().map(|(r, _)| r.key()),
     };
     let key = inputs.key();
 
@@ -194,7 +275,23 @@ pub fn run(args: BuildImageArgs) -> Result<()> {
         }
     }
 
-    // 3. Pack.
+    // 3. The root file system (cached by its own key: a new guest agent or
+    //    kernel does not rebuild it).
+    let rootfs_built = match &rootfs_plan {
+        Some((rin, recipes)) => {
+            progress.step(format!(
+                "root file system: Debian {} ({}), recipes [{}], key {}",
+                rin.suite,
+                rin.format,
+                args.with.join(","),
+                &rin.key()[..16]
+            ));
+            Some(rootfs::build(rin, recipes, &cache, &progress)?)
+        }
+        None => None,
+    };
+
+    // 4. Pack.
     progress.step("packing initramfs (newc cpio, gzip)");
     let mut tree = Tree::new();
     for (d, perm) in [
@@ -241,6 +338,19 @@ pub fn run(args: BuildImageArgs) -> Result<()> {
             args.name, kinfo.package, kinfo.version
         ),
     )?;
+    if let Some((rin, _)) = &rootfs_plan {
+        tree.file(
+            "etc/agentvm/rootfs",
+            0o644,
+            format!("{} {ROOTFS_SERIAL}\n", rin.format.fs_type()),
+        )?;
+        tree.file(
+            "etc/agentvm/user",
+            0o644,
+            format!("{} {}\n", rootfs::AGENT_UID, rootfs::AGENT_UID),
+        )?;
+        tree.dir("mnt", 0o755)?;
+    }
     let cpio = tree.to_cpio()?;
     let gz = initramfs::gzip(&cpio)?;
     progress.note(format!(
@@ -250,7 +360,7 @@ pub fn run(args: BuildImageArgs) -> Result<()> {
         mib(gz.len() as u64)
     ));
 
-    // 4. Write: manifest out first, in last.
+    // 5. Write: manifest out first, in last.
     progress.step(format!("writing {}", out_dir.display()));
     fs::create_dir_all(&out_dir).with_context(|| format!("create {}", out_dir.display()))?;
     let manifest_path = out_dir.join(MANIFEST);
@@ -263,6 +373,33 @@ pub fn run(args: BuildImageArgs) -> Result<()> {
         fs::read(&kernel.vmlinuz).with_context(|| format!("read {}", kernel.vmlinuz.display()))?;
     write_atomic(&out_dir.join(VMLINUZ), &vmlinuz)?;
     write_atomic(&out_dir.join(INITRAMFS), &gz)?;
+    let rootfs_manifest = match &rootfs_built {
+        Some((cached, info)) => {
+            let file = format!("rootfs.{}", info.inputs.format.extension());
+            let target = out_dir.join(&file);
+            link_or_copy(cached, &target)?;
+            Some(RootfsManifest {
+                file,
+                size: fs::metadata(&target)?.len(),
+                fs_type: info.inputs.format.fs_type().into(),
+                suite: info.inputs.suite.clone(),
+                mirror: info.inputs.mirror.clone(),
+                key: info.key.clone(),
+                unpacked_bytes: info.unpacked_bytes,
+                mmdebstrap_seconds: info.mmdebstrap_seconds,
+                pack_seconds: info.pack_seconds,
+                packages: info.packages.clone(),
+                agents: info.agents.clone(),
+            })
+        }
+        None => None,
+    };
+    let default_user = rootfs_manifest.as_ref().map(|_| UserInfo {
+        name: rootfs::AGENT_USER.into(),
+        uid: rootfs::AGENT_UID,
+        gid: rootfs::AGENT_UID,
+        home: rootfs::AGENT_HOME.into(),
+    });
 
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -310,6 +447,8 @@ pub fn run(args: BuildImageArgs) -> Result<()> {
             size: gz.len() as u64,
             sha256: sha256_hex(&gz),
         },
+        rootfs: rootfs_manifest,
+        default_user,
         inputs,
         built_at: rfc3339_utc(now),
         build_seconds: (progress.elapsed_secs() * 100.0).round() / 100.0,
@@ -324,7 +463,36 @@ pub fn run(args: BuildImageArgs) -> Result<()> {
         mib(m.vmlinuz.size),
         mib(m.initramfs.size)
     );
+    if let Some(r) = &m.rootfs {
+        println!(
+            "  rootfs: {} ({}, {:.1} MiB, {} Debian packages, agents [{}])",
+            r.file,
+            r.fs_type,
+            mib(r.size),
+            r.packages.len(),
+            r.agents
+                .iter()
+                .map(|a| a.source.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     println!("  cmdline: {CMDLINE}");
+    Ok(())
+}
+
+/// Hard-links `from` to `to` (same file system: no copy of a large file),
+/// else copies it.
+fn link_or_copy(from: &Path, to: &Path) -> Result<()> {
+    match fs::remove_file(to) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("remove {}", to.display())),
+    }
+    if fs::hard_link(from, to).is_err() {
+        fs::copy(from, to)
+            .with_context(|| format!("copy {} to {}", from.display(), to.display()))?;
+    }
     Ok(())
 }
 
@@ -338,6 +506,13 @@ fn up_to_date(dir: &Path, key: &str) -> Option<Manifest> {
         let p = dir.join(&f.file);
         let meta = fs::metadata(&p).ok()?;
         if meta.len() != f.size || sha256_file(&p).ok()? != f.sha256 {
+            return None;
+        }
+    }
+    // The root file system disk: its key is part of the image key; check
+    // its size (hashing hundreds of MiB on every run would be slow).
+    if let Some(r) = &m.rootfs {
+        if fs::metadata(dir.join(&r.file)).ok()?.len() != r.size {
             return None;
         }
     }

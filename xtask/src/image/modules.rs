@@ -163,9 +163,9 @@ pub struct Selection {
     pub unavailable: Vec<String>,
 }
 
-/// Picks [`REQUIRED`] and [`OPTIONAL`] modules (plus their dependencies)
+/// Picks [`REQUIRED`], [`OPTIONAL`] and `extra_required` modules (plus their dependencies)
 /// from `modules_dir` (`lib/modules/<release>` of the unpacked package).
-pub fn select(modules_dir: &Path) -> Result<Selection> {
+pub fn select(modules_dir: &Path, extra_required: &[&str]) -> Result<Selection> {
     let index = index_modules(&modules_dir.join("kernel"))?;
     let builtin = read_builtin(modules_dir)?;
 
@@ -176,7 +176,11 @@ pub fn select(modules_dir: &Path) -> Result<Selection> {
         .iter()
         .map(|n| (n, true))
         .chain(OPTIONAL.iter().map(|n| (n, false)))
+        .chain(extra_required.iter().map(|n| (n, true)))
     {
+        if roots.contains(&name.to_string()) || builtin_wanted.contains(&name.to_string()) {
+            continue;
+        }
         let name = name.to_string();
         if index.contains_key(&name) {
             roots.push(name);
@@ -185,7 +189,7 @@ pub fn select(modules_dir: &Path) -> Result<Selection> {
         } else if required {
             bail!(
                 "kernel module {name} is neither in {} nor built in (modules.builtin): \
-                 this kernel cannot run the agentvm control channel",
+                 this kernel cannot run this image",
                 modules_dir.display()
             );
         } else {
@@ -493,7 +497,7 @@ mod tests {
             "kernel/drivers/char/virtio_console.ko\nkernel/fs/ext4/ext4.ko\n",
         )
         .unwrap();
-        let sel = select(md).unwrap();
+        let sel = select(md, &[]).unwrap();
         let order: Vec<&str> = sel.modules.iter().map(|m| m.name.as_str()).collect();
         assert_eq!(
             order,
@@ -522,7 +526,7 @@ mod tests {
 
         // A required module that is missing altogether is an error.
         fs::write(md.join("modules.builtin"), "").unwrap();
-        let err = select(md).unwrap_err().to_string();
+        let err = select(md, &[]).unwrap_err().to_string();
         assert!(err.contains("virtio_console"), "{err}");
     }
 }

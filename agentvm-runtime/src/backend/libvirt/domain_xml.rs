@@ -18,7 +18,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use crate::backend::qemu::accel::ResolvedAccel;
-use crate::backend::qemu::argv::{kernel_cmdline, CTL_PORT_NAME};
+use crate::backend::qemu::argv::{kernel_cmdline, CTL_PORT_NAME, ROOTFS_SERIAL};
 use crate::spec::{NetworkMode, VmSpec};
 
 /// The `<title>` of every domain this backend creates.
@@ -244,7 +244,7 @@ pub fn domain_xml(p: &DomainParams<'_>) -> Result<String, DomainXmlError> {
       <source file='{state}'/>
       <target dev='vda' bus='virtio'/>
     </disk>
-    <controller type='usb' model='none'/>
+{rootfs}    <controller type='usb' model='none'/>
     <serial type='file'>
       <source path='{serial}' append='on'/>
       <target port='0'/>
@@ -267,8 +267,31 @@ pub fn domain_xml(p: &DomainParams<'_>) -> Result<String, DomainXmlError> {
         serial = path_str(p.serial_log)?,
         ctl = path_str(p.ctl_socket)?,
         interface = interface_xml(&p.spec.network)?.unwrap_or_default(),
+        rootfs = match &p.spec.image.rootfs {
+            Some(path) => rootfs_disk_xml(path)?,
+            None => String::new(),
+        },
     );
     Ok(x)
+}
+
+/// The image's root file system disk: read-only raw, shared by every domain
+/// (`<shareable/>` keeps libvirt from locking it to one), left out of
+/// snapshots (`snapshot='no'`: the guest never writes it), found by the
+/// guest through its serial number.
+pub fn rootfs_disk_xml(path: &Path) -> Result<String, DomainXmlError> {
+    Ok(format!(
+        "    <disk type='file' device='disk' snapshot='no'>
+      <driver name='qemu' type='raw'/>
+      <source file='{}'/>
+      <target dev='vdb' bus='virtio'/>
+      <serial>{ROOTFS_SERIAL}</serial>
+      <readonly/>
+      <shareable/>
+    </disk>
+",
+        path_str(path)?
+    ))
 }
 
 /// The XML of a domain snapshot with a name and a description.
@@ -310,6 +333,7 @@ mod tests {
                 kernel: PathBuf::from("/img/vmlinuz"),
                 initramfs: PathBuf::from("/img/initramfs.cpio.gz"),
                 cmdline: "console=ttyS0 panic=1 quiet".into(),
+                rootfs: None,
             },
             profile: ResourceProfile::Minimal,
             network,
@@ -336,6 +360,37 @@ mod tests {
             hard_memory_limit: true,
         })
         .unwrap()
+    }
+
+    #[test]
+    fn rootfs_disk_is_read_only_shared_and_parses() {
+        let mut s = spec(NetworkMode::Isolated);
+        let x = xml(&s, ResolvedAccel::Tcg);
+        assert!(!x.contains("agentvm-rootfs"), "{x}");
+        s.image.rootfs = Some(PathBuf::from("/img/agent/rootfs.erofs"));
+        let x = xml(&s, ResolvedAccel::Tcg);
+        assert_eq!(x.matches("<disk ").count(), 2, "{x}");
+        assert!(
+            x.contains(
+                "    <disk type='file' device='disk' snapshot='no'>
+      <driver name='qemu' type='raw'/>
+      <source file='/img/agent/rootfs.erofs'/>
+      <target dev='vdb' bus='virtio'/>
+      <serial>agentvm-rootfs</serial>
+      <readonly/>
+      <shareable/>
+    </disk>
+"
+            ),
+            "{x}"
+        );
+        // Paths are escaped like the others.
+        s.image.rootfs = Some(PathBuf::from("/img/it's/rootfs.erofs"));
+        let x = xml(&s, ResolvedAccel::Tcg);
+        assert!(
+            x.contains("<source file='/img/it&apos;s/rootfs.erofs'/>"),
+            "{x}"
+        );
     }
 
     #[test]

@@ -9,7 +9,11 @@
 //!   `vhost-vsock-device` for the vsock transport;
 //! * QMP on a second UNIX socket;
 //! * a small qcow2 attached with `if=none` (no guest device), so that HMP
-//!   `savevm`/`loadvm` have somewhere to store the VM state.
+//!   `savevm`/`loadvm` have somewhere to store the VM state;
+//! * for images with a root file system (`agent`), that file as a read-only
+//!   raw `virtio-blk-device` (`/dev/vda`), shared by every VM: QEMU skips
+//!   read-only drives in `savevm`/`loadvm`, and the guest writes only to its
+//!   tmpfs overlay, so the memory snapshot is the whole state.
 //!
 //! `-no-reboot` turns a guest reboot (a kernel panic with `panic=1`) into a
 //! QEMU exit, which is how a crashed guest is detected.
@@ -130,6 +134,9 @@ pub fn build_argv(a: &LaunchArgs<'_>) -> Result<Vec<String>, ArgvError> {
     argv.extend(channel_args(a.channel, &a.paths.ctl_socket)?);
     argv.extend(qmp_args(&a.paths.qmp_socket)?);
     argv.extend(state_drive_args(&a.paths.state_disk)?);
+    if let Some(rootfs) = &a.spec.image.rootfs {
+        argv.extend(rootfs_drive_args(rootfs)?);
+    }
     if a.start_paused {
         argv.push("-S".into());
     }
@@ -286,6 +293,25 @@ pub fn state_drive_args(state_disk: &Path) -> Result<Vec<String>, ArgvError> {
     ])
 }
 
+/// Serial number of the root file system disk: the guest's init finds the
+/// disk by it (`/sys/block/vd*/serial`), whatever name the kernel gives it.
+pub const ROOTFS_SERIAL: &str = "agentvm-rootfs";
+
+/// The image's root file system: a read-only raw drive on a virtio-mmio block
+/// device with serial [`ROOTFS_SERIAL`]. `readonly=on` lets every VM share the
+/// one file and keeps it out of `savevm`/`loadvm`; the file lock is shared.
+pub fn rootfs_drive_args(rootfs: &Path) -> Result<Vec<String>, ArgvError> {
+    Ok(vec![
+        "-drive".into(),
+        format!(
+            "file={},if=none,id=rootfs,format=raw,readonly=on",
+            opt_value(utf8(rootfs)?)
+        ),
+        "-device".into(),
+        format!("virtio-blk-device,drive=rootfs,serial={ROOTFS_SERIAL}"),
+    ])
+}
+
 /// The `qemu-img` arguments that create the state disk.
 pub fn state_disk_create_args(state_disk: &Path, size_mib: u32) -> Result<Vec<String>, ArgvError> {
     Ok(vec![
@@ -334,6 +360,7 @@ mod tests {
                 kernel: PathBuf::from("/img/vmlinuz"),
                 initramfs: PathBuf::from("/img/initramfs.cpio.gz"),
                 cmdline: "console=ttyS0 panic=1 quiet".into(),
+                rootfs: None,
             },
             profile: ResourceProfile::Minimal,
             network: NetworkMode::Isolated,
@@ -399,6 +426,38 @@ mod tests {
             "file=/run/agentvm/vms/7-0/state.qcow2,if=none,id=state,format=qcow2",
         ];
         assert_eq!(argv, expected);
+    }
+
+    #[test]
+    fn rootfs_disk_is_a_shared_read_only_virtio_disk() {
+        let mut spec = spec();
+        spec.image.rootfs = Some(PathBuf::from("/img/agent,1/rootfs.erofs"));
+        let paths = VmPaths::new("/run/agentvm/vms/7-0");
+        let argv = build_argv(&LaunchArgs {
+            vm_id: "7-0",
+            spec: &spec,
+            accel: ResolvedAccel::Tcg,
+            paths: &paths,
+            channel: ChannelConfig::VirtioSerial,
+            host_tsc_khz: None,
+            start_paused: false,
+        })
+        .unwrap();
+        assert_eq!(
+            &argv[argv.len() - 4..],
+            [
+                "-drive",
+                "file=/img/agent,,1/rootfs.erofs,if=none,id=rootfs,format=raw,readonly=on",
+                "-device",
+                "virtio-blk-device,drive=rootfs,serial=agentvm-rootfs"
+            ]
+        );
+        // The state disk stays the only writable drive (savevm stores there).
+        assert_eq!(
+            argv.iter().filter(|a| a.starts_with("file=")).count(),
+            2,
+            "{argv:?}"
+        );
     }
 
     #[test]

@@ -193,8 +193,7 @@ impl QemuBackend {
         let Some(user) = &self.jail.user else {
             return Ok(None);
         };
-        let image_files = [spec.image.kernel.as_path(), spec.image.initramfs.as_path()];
-        if let Err(path) = self.jail.check_readable(&image_files) {
+        if let Err(path) = self.jail.check_readable(&spec.image.files()) {
             self.warned_root.call_once(|| {
                 tracing::warn!(
                     user = %user.name,
@@ -258,7 +257,8 @@ impl QemuBackend {
 
     /// The golden-cache key of `spec` (`None` without a cache, or when the
     /// files it depends on cannot be read): the command line with neutral
-    /// per-VM paths and id, the QEMU binary, the kernel and the initramfs.
+    /// per-VM paths and id, the QEMU binary, the kernel, the initramfs and
+    /// the root file system disk, if any.
     pub fn golden_key(&self, spec: &VmSpec) -> Option<String> {
         self.golden.as_ref()?;
         let paths = VmPaths::new("/agentvm-golden");
@@ -274,6 +274,7 @@ impl QemuBackend {
         .ok()?;
         let files = [&self.qemu, &spec.image.kernel, &spec.image.initramfs]
             .into_iter()
+            .chain(spec.image.rootfs.as_ref())
             .map(|path| FileIdentity::of(path))
             .collect::<std::io::Result<Vec<_>>>()
             .ok()?;
@@ -326,7 +327,10 @@ impl QemuBackend {
         state_disk: StateDisk<'_>,
         start_paused: bool,
     ) -> Result<QemuMachine, BackendError> {
-        for path in [&spec.image.kernel, &spec.image.initramfs] {
+        for path in [&spec.image.kernel, &spec.image.initramfs]
+            .into_iter()
+            .chain(spec.image.rootfs.as_ref())
+        {
             if !path.is_file() {
                 return Err(BackendError::MissingImage {
                     name: spec.image.name.clone(),

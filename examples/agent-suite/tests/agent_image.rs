@@ -1,0 +1,148 @@
+//! The Debian `agent` image (`cargo xtask build-image --name agent --with
+//! claude-code,codex`) in real VMs: its toolchain runs as the unprivileged
+//! `agent` user, a revert restores the whole root file system (all writes
+//! live in the tmpfs overlay, in guest RAM), and the agent CLIs installed by
+//! recipes start.
+//!
+//! When the image is not built, every test here is reported ignored with the
+//! command that builds it (see the harness).
+
+use agentvm_test::prelude::*;
+use agentvm_test::ShellOutput;
+
+/// `sh -c script` as root (the image's default user is `agent`).
+async fn sh_as_root(
+    vm: &mut Vm,
+    script: &str,
+) -> Result<ShellOutput, Box<dyn std::error::Error + Send + Sync>> {
+    Ok(vm.exec(Command::shell(script).as_root()).await?.into())
+}
+
+/// Files whose checksums must survive damage + revert.
+const CHECKED: &str = "/usr/bin/git /usr/bin/python3.11 /etc/passwd /usr/lib/os-release";
+
+#[agent_vm_test(image = "agent", profile = "light", timeout = "120s")]
+async fn toolchain_runs_as_the_agent_user(vm: &mut Vm) -> TestResult {
+    let out = vm
+        .sh("id -un; id -u; id -g; echo \"$HOME $USER $LOGNAME\"; stat -c %U /workspace")
+        .await?;
+    assert!(out.success(), "{out:?}");
+    assert_eq!(
+        out.stdout,
+        "agent\n1000\n1000\n/home/agent agent agent\nagent\n"
+    );
+
+    let out = vm
+        .sh("python3 -c 'import sys, venv, ssl; print(sys.version_info[:2])'")
+        .await?;
+    assert_eq!(out.stdout, "(3, 11)\n", "{out:?}");
+    let out = vm
+        .sh("node -e 'console.log(process.versions.node.split(\".\")[0] >= 18)'")
+        .await?;
+    assert_eq!(out.stdout, "true\n", "{out:?}");
+    let out = vm.sh("npm --version").await?;
+    assert!(out.success() && out.stdout.starts_with("9."), "{out:?}");
+    for tool in [
+        "rg --version",
+        "curl --version",
+        "less --version",
+        "patch --version",
+        "xz --version",
+    ] {
+        let out = vm.sh(tool).await?;
+        assert!(out.success(), "{tool}: {out:?}");
+    }
+
+    let out = vm
+        .sh(
+            "git init -q repo && cd repo && git config user.email a@example.com \
+             && git config user.name agent && echo hi > f && git add f \
+             && git commit -qm first && git log --format='%an %s' && stat -c %U .git",
+        )
+        .await?;
+    assert!(out.success(), "{out:?}");
+    assert_eq!(out.stdout, "agent first\nagent\n");
+
+    // The agent user cannot touch the system; root (opt-in) can.
+    let out = vm.sh("touch /usr/bin/x 2>&1; echo $?").await?;
+    assert!(out.stdout.contains("Permission denied"), "{out:?}");
+    let out = sh_as_root(vm, "id -u && touch /usr/bin/x && rm /usr/bin/x").await?;
+    assert!(out.success(), "{out:?}");
+    assert_eq!(out.stdout, "0\n");
+    Ok(())
+}
+
+#[agent_vm_test(image = "agent", profile = "light", timeout = "180s")]
+async fn revert_restores_the_root_file_system(vm: &mut Vm) -> TestResult {
+    let sums = format!("sha256sum {CHECKED}");
+    let golden = vm.sh(&sums).await?;
+    assert!(golden.success(), "{golden:?}");
+
+    // Damage as root: 100 MB outside the workspace, git deleted.
+    let damage = "dd if=/dev/urandom of=/var/tmp/big bs=1M count=100 status=none \
+                  && rm /usr/bin/git && echo broken >> /etc/passwd && sync \
+                  && df -m / | tail -1";
+    let out = sh_as_root(vm, damage).await?;
+    assert!(out.success(), "{out:?}");
+    let out = vm.sh("git --version").await?;
+    assert!(!out.success(), "git survived its deletion: {out:?}");
+
+    vm.revert().await?;
+
+    let out = vm.sh("git --version && test ! -e /var/tmp/big").await?;
+    assert!(out.success(), "{out:?}");
+    assert!(out.stdout.starts_with("git version 2.39"), "{out:?}");
+    let after = vm.sh(&sums).await?;
+    assert_eq!(after.stdout, golden.stdout);
+    // The overlay's upper layer holds nothing of the 100 MB any more.
+    let out = vm.sh("df -m / | awk 'NR==2 {print $3}'").await?;
+    let used: u64 = out.stdout.trim().parse().unwrap_or(u64::MAX);
+    assert!(used < 50, "overlay still uses {used} MiB: {out:?}");
+    Ok(())
+}
+
+#[agent_vm_test(image = "agent", profile = "light", timeout = "120s")]
+async fn recipe_agents_start(vm: &mut Vm) -> TestResult {
+    let out = vm.sh("ls /usr/local/bin").await?;
+    let installed = out.stdout;
+    assert!(
+        installed.contains("claude") && installed.contains("codex"),
+        "the agent image was built without the claude-code and codex recipes \
+         (rebuild it with `cargo xtask build-image --name agent --with claude-code,codex`): \
+         /usr/local/bin has {installed:?}"
+    );
+    let out = vm.sh("claude --version").await?;
+    assert!(out.success(), "{out:?}");
+    assert!(out.stdout.contains("2.1.197"), "{out:?}");
+    let out = vm.sh("codex --version").await?;
+    assert!(out.success(), "{out:?}");
+    assert!(out.stdout.contains("0.171.0"), "{out:?}");
+    Ok(())
+}
+
+/// Fixture files the harness puts into the workspace belong to `agent`, so
+/// an unprivileged agent can edit them (and its own files are its own).
+#[agent_vm_test(
+    image = "agent",
+    profile = "light",
+    timeout = "120s",
+    fixtures("tests/fixtures/repo")
+)]
+async fn unprivileged_agent_edits_its_fixtures(vm: &mut Vm) -> TestResult {
+    let out = vm.sh("stat -c '%U %n' README.md src src/main.sh").await?;
+    assert_eq!(
+        out.stdout, "agent README.md\nagent src\nagent src/main.sh\n",
+        "{out:?}"
+    );
+    let run = vm
+        .run_agent(&Agent::script("examples/agents/editor.sh"), Task::new())
+        .await?;
+    assert!(run.success(), "{run:#?}");
+    assert_eq!(run.deleted(), ["obsolete.txt"]);
+    assert!(run.modified().contains(&"README.md"), "{run:#?}");
+    let out = vm.sh("stat -c '%U' notes/todo.txt").await?;
+    assert_eq!(out.stdout, "agent\n");
+    Ok(())
+}
+
+agentvm_test::main!();
