@@ -1,0 +1,1 @@
+//! Egress proxy (HTTP CONNECT + plain-HTTP forward proxy with an allowlist).
