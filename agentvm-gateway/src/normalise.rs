@@ -30,6 +30,8 @@ const ID_KEYS: [&str; 5] = ["id", "tool_use_id", "call_id", "tool_call_id", "ite
 
 static SCRUBS: LazyLock<Vec<(Regex, &'static str)>> = LazyLock::new(|| {
     [
+        // Temp paths first: they may contain uuids and dates.
+        (r"/tmp/[^\s\x22'`)\]}<>,;:]+", "<tmp>"),
         (
             r"(?i)\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b",
             "<uuid>",
@@ -39,7 +41,6 @@ static SCRUBS: LazyLock<Vec<(Regex, &'static str)>> = LazyLock::new(|| {
             "<timestamp>",
         ),
         (r"\b\d{4}-\d{2}-\d{2}\b", "<date>"),
-        (r"/tmp/[^\s\x22'`)\]}>,;:]+", "<tmp>"),
         (r"Wall time: [0-9.]+ ?\w*", "Wall time: <n>"),
         (r"Chunk ID: \w+", "Chunk ID: <id>"),
     ]
