@@ -11,8 +11,10 @@ pub enum Api {
     /// Anthropic Messages (`POST /v1/messages`): Claude Code.
     Anthropic,
     /// OpenAI Chat Completions (`POST /v1/chat/completions`): Aider and most others.
+    #[serde(rename = "openai_chat")]
     OpenAiChat,
     /// OpenAI Responses (`POST /v1/responses`): Codex.
+    #[serde(rename = "openai_responses")]
     OpenAiResponses,
 }
 

@@ -32,14 +32,12 @@ pub enum GatewayError {
         source: TurnError,
     },
     /// Replay mode: the request matches no (remaining) recorded interaction.
-    #[error("request {request} ({method} {path}) {reason} in cassette {cassette}; re-record with AGENTVM_MODEL=record if the change is intended\n{diff}", cassette = cassette.display())]
+    #[error("request {request} ({target}) {reason} in cassette {cassette}; re-record with AGENTVM_MODEL=record if the change is intended\n{diff}", cassette = cassette.display())]
     Mismatch {
         /// Gateway request number (1-based).
         request: u64,
-        /// HTTP method.
-        method: String,
-        /// Path and query.
-        path: String,
+        /// Method, path and query, e.g. `POST /v1/messages?beta=true`.
+        target: String,
         /// The cassette file.
         cassette: PathBuf,
         /// What did not match, e.g. `matches no recorded request; nearest is line 3`.

@@ -542,8 +542,7 @@ impl Gateway {
             Err(no_match) => {
                 let error = GatewayError::Mismatch {
                     request: seq,
-                    method: method.to_string(),
-                    path: path_q.to_owned(),
+                    target: format!("{method} {path_q}"),
                     cassette: PathBuf::from(replayer.path()),
                     reason: no_match.reason,
                     diff: no_match.diff,
