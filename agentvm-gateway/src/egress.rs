@@ -23,7 +23,7 @@ use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -344,10 +344,8 @@ impl EgressProxy {
             let this = this.clone();
             async move { Ok::<_, Infallible>(this.handle(req).await) }
         });
-        let mut builder = http1::Builder::new();
-        builder
-            .timer(TokioTimer::new())
-            .header_read_timeout(Duration::from_secs(30));
+        // No header timeout: an idle keep-alive client must not be cut off mid-test.
+        let builder = http1::Builder::new();
         if let Err(e) = builder
             .serve_connection(TokioIo::new(io), service)
             .with_upgrades()

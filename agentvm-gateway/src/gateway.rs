@@ -43,8 +43,11 @@ pub struct GatewayConfig {
     pub max_body_bytes: usize,
     /// Edit format for tool-less Chat Completions agents (Aider).
     pub chat_edit_format: ChatEditFormat,
-    /// A connection that does not finish sending a request's headers in this time is closed.
-    pub header_read_timeout: Duration,
+    /// Close a connection that takes longer than this to send a request's headers — which
+    /// includes an idle keep-alive connection waiting for its next request, so keep it longer
+    /// than the agent's longest tool run. `None` (the default): no limit; a stalled client
+    /// then only holds its own connection's task.
+    pub header_read_timeout: Option<Duration>,
 }
 
 impl GatewayConfig {
@@ -54,13 +57,19 @@ impl GatewayConfig {
             model,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             chat_edit_format: ChatEditFormat::default(),
-            header_read_timeout: Duration::from_secs(30),
+            header_read_timeout: None,
         }
     }
 
     /// Sets the body limit.
     pub fn max_body_bytes(mut self, bytes: usize) -> Self {
         self.max_body_bytes = bytes;
+        self
+    }
+
+    /// Sets the header read timeout (see [`GatewayConfig::header_read_timeout`]).
+    pub fn header_read_timeout(mut self, timeout: Duration) -> Self {
+        self.header_read_timeout = Some(timeout);
         self
     }
 
@@ -88,7 +97,7 @@ enum Engine {
 struct Inner {
     engine: Engine,
     max_body_bytes: usize,
-    header_read_timeout: Duration,
+    header_read_timeout: Option<Duration>,
     seq: AtomicU64,
     transcript: Mutex<Vec<Exchange>>,
     errors: Mutex<Vec<GatewayError>>,
@@ -259,8 +268,8 @@ impl Gateway {
 
     /// Serves HTTP/1 requests on one connection until the client closes it. Any stream
     /// works: a tunnelled guest connection or an accepted TCP socket. A connection that
-    /// breaks at the HTTP level (garbage, truncated request, header timeout) is closed and
-    /// recorded as [`GatewayError::Connection`].
+    /// breaks at the HTTP level (garbage, truncated request) is closed and recorded as
+    /// [`GatewayError::Connection`].
     pub async fn serve_connection<IO>(&self, io: IO)
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send,
@@ -271,13 +280,20 @@ impl Gateway {
             async move { Ok::<_, Infallible>(this.handle(req).await) }
         });
         let mut builder = http1::Builder::new();
-        builder
-            .timer(TokioTimer::new())
-            .header_read_timeout(self.inner.header_read_timeout);
-        if let Err(e) = builder.serve_connection(TokioIo::new(io), service).await {
-            self.record_error(GatewayError::Connection {
+        if let Some(timeout) = self.inner.header_read_timeout {
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(timeout);
+        }
+        match builder.serve_connection(TokioIo::new(io), service).await {
+            Ok(()) => {}
+            // A configured idle/header timeout closing a connection is not the agent's fault.
+            Err(e) if e.is_timeout() => {
+                tracing::debug!(target: "agentvm_gateway", "connection closed: {e}")
+            }
+            Err(e) => self.record_error(GatewayError::Connection {
                 message: e.to_string(),
-            });
+            }),
         }
     }
 
@@ -312,19 +328,18 @@ impl Gateway {
             (&Method::HEAD | &Method::GET, "/" | "/api/hello") => {
                 response(StatusCode::OK, "text/plain", "")
             }
-            (&Method::POST, "/v1/messages/count_tokens") => {
-                match self.read_json(req, Api::Anthropic).await {
-                    Ok((json, _)) => {
-                        let n = estimate_tokens(normalise(Api::Anthropic, &json).to_string().len());
-                        response(
-                            StatusCode::OK,
-                            "application/json",
-                            serde_json::json!({"input_tokens": n}).to_string(),
-                        )
-                    }
-                    Err(resp) => *resp,
+            (&Method::POST, "/v1/messages/count_tokens") => match self.read_json(req).await {
+                Ok((json, _)) => {
+                    let n = estimate_tokens(normalise(Api::Anthropic, &json).to_string().len());
+                    let body = serde_json::json!({"input_tokens": n}).to_string();
+                    response(StatusCode::OK, "application/json", body)
                 }
-            }
+                Err((status, error)) => {
+                    let outcome = Outcome::error(Api::Anthropic, status, error);
+                    self.record_error(outcome.error.expect("error outcome"));
+                    response(status, &outcome.content_type, outcome.body)
+                }
+            },
             (&Method::POST, p) if Api::from_path(p).is_some() => {
                 let api = Api::from_path(p).expect("checked");
                 self.model_request(api, req, &path_q).await
@@ -340,24 +355,19 @@ impl Gateway {
         }
     }
 
-    /// Reads and parses a JSON body, or the error response (400 / 413) to send.
+    /// Reads and parses a JSON object body, or the status (400 / 413) and error to answer.
     async fn read_json(
         &self,
         req: Request<Incoming>,
-        api: Api,
-    ) -> Result<(Value, Bytes), Box<HttpResponse>> {
+    ) -> Result<(Value, Bytes), (StatusCode, GatewayError)> {
         let (method, path) = (req.method().to_string(), req.uri().to_string());
         let bad = |status: StatusCode, message: String| {
-            let body = api.error_body(
-                "invalid_request_error",
-                &format!("agentvm gateway: {message}"),
-            );
-            self.record_error(GatewayError::BadRequest {
+            let error = GatewayError::BadRequest {
                 method: method.clone(),
                 path: path.clone(),
                 message,
-            });
-            Box::new(response(status, "application/json", body.to_string()))
+            };
+            (status, error)
         };
         let limit = self.inner.max_body_bytes;
         let too_large = || format!("request body larger than {limit} bytes");
@@ -398,38 +408,26 @@ impl Gateway {
         let method = req.method().clone();
         let headers = req.headers().clone();
         let seq = self.inner.seq.fetch_add(1, Ordering::SeqCst) + 1;
-        let (json, raw) = match self.read_json(req, api).await {
-            Ok(x) => x,
-            Err(resp) => {
-                let error = self.errors().last().map(ToString::to_string);
-                self.push_exchange(Exchange::new(
-                    seq,
-                    api,
-                    self.mode(),
-                    ExchangeKind::Error,
-                    None,
-                    &[],
-                    &Reply::default(),
-                    Usage::default(),
-                    resp.status().as_u16(),
-                    None,
-                    error,
-                ));
-                return *resp;
-            }
-        };
-        let parsed = parse_request(api, &json);
-        let normalised = normalise(api, &json);
-        let outcome = match &self.inner.engine {
-            Engine::Scripted(state) => self.scripted(state, seq, &parsed, path_q, &normalised),
-            Engine::Replay(replayer) => {
-                self.replay(replayer, seq, api, &method, path_q, normalised)
-            }
-            Engine::Record(recorder) => {
-                self.record(
-                    recorder, seq, api, &method, path_q, &headers, raw, normalised,
-                )
-                .await
+        let (outcome, new_input) = match self.read_json(req).await {
+            Err((status, error)) => (Outcome::error(api, status, error), Vec::new()),
+            Ok((json, raw)) => {
+                let parsed = parse_request(api, &json);
+                let normalised = normalise(api, &json);
+                let outcome = match &self.inner.engine {
+                    Engine::Scripted(state) => {
+                        self.scripted(state, seq, &parsed, path_q, &normalised)
+                    }
+                    Engine::Replay(replayer) => {
+                        self.replay(replayer, seq, api, &method, path_q, normalised)
+                    }
+                    Engine::Record(recorder) => {
+                        self.record(
+                            recorder, seq, api, &method, path_q, &headers, raw, normalised,
+                        )
+                        .await
+                    }
+                };
+                (outcome, parsed.new_input)
             }
         };
         let error_text = outcome.error.as_ref().map(ToString::to_string);
@@ -439,7 +437,7 @@ impl Gateway {
             self.mode(),
             outcome.kind,
             outcome.turn,
-            &parsed.new_input,
+            &new_input,
             &outcome.reply,
             outcome.usage,
             outcome.status.as_u16(),

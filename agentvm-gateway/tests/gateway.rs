@@ -780,3 +780,23 @@ fn malformed_cassettes_are_load_errors_with_file_and_line() {
         assert!(msg.contains("bad.jsonl") && msg.contains(wants), "{msg}");
     }
 }
+
+#[tokio::test]
+async fn a_configured_header_timeout_closes_idle_connections_without_an_error() {
+    let config =
+        GatewayConfig::new(Model::scripted([])).header_read_timeout(Duration::from_millis(100));
+    let gateway = Gateway::new(config).unwrap();
+    let addr = start(&gateway).await;
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"POST /v1/messages HTTP/1.1\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut out))
+        .await
+        .expect("closed")
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(gateway.errors().is_empty(), "{:?}", gateway.errors());
+}
