@@ -97,7 +97,7 @@ pub struct ParsedRequest {
     /// Whether this is a side request (title generation and the like) that must not consume
     /// a scripted turn. See [`crate::script`] for the rule.
     pub side: bool,
-    /// The agent's working directory if its prompt states it (`Working directory: /x`).
+    /// The agent's working directory if its prompt states it (`… working directory: /x`).
     pub cwd: Option<String>,
 }
 
@@ -168,12 +168,14 @@ pub(crate) fn content_text(content: &Value) -> String {
     }
 }
 
-/// Finds `Working directory: /path` (Claude Code's system prompt) anywhere in `body`.
+/// Finds `working directory: /path` (any case; Claude Code's system prompt says `Primary
+/// working directory: /path`) anywhere in `body`.
 pub(crate) fn find_cwd(body: &Value) -> Option<String> {
+    const NEEDLE: &str = "working directory: ";
     fn walk(v: &Value) -> Option<String> {
         match v {
-            Value::String(s) => s.find("Working directory: ").and_then(|i| {
-                let rest = &s[i + "Working directory: ".len()..];
+            Value::String(s) => s.to_ascii_lowercase().find(NEEDLE).and_then(|i| {
+                let rest = &s[i + NEEDLE.len()..];
                 let path: String = rest.chars().take_while(|c| !c.is_whitespace()).collect();
                 path.starts_with('/').then_some(path)
             }),
@@ -206,6 +208,8 @@ mod tests {
         let body = json!({"system": [{"type": "text", "text": "x\nWorking directory: /workspace\nIs git: no"}]});
         assert_eq!(find_cwd(&body).as_deref(), Some("/workspace"));
         assert_eq!(find_cwd(&json!({"a": "Working directory: relative"})), None);
+        let claude = json!({"system": "<env>\nPrimary working directory: /w/x\nIs a git repo: no"});
+        assert_eq!(find_cwd(&claude).as_deref(), Some("/w/x"));
     }
 
     #[test]

@@ -18,8 +18,12 @@
 //! `old` (and exits 1 if `old` is absent) — so the guest needs python3 — and a write becomes
 //! `mkdir -p DIR && printf '%s' 'CONTENT' > PATH` (byte-exact, no trailing newline added).
 //! Relative paths are made absolute with the agent's working directory when its prompt states
-//! it (`Working directory: /x`, Claude Code), because Claude Code's file tools want absolute
-//! paths. Claude Code refuses to `Edit` a file it has not read, hence the `Read` first.
+//! it (Claude Code: `Primary working directory: /x`; not with `--bare`, where relative paths
+//! also work). Claude Code refuses to `Edit` a file it has not read, hence the `Read` first:
+//! both go in one assistant message and Claude Code runs them in order. Checked with Claude
+//! Code 2.1.197 (also `--bare`, where `Write` is missing and the printf fallback applies) and
+//! Codex 0.171.0 against `examples/serve.rs`: shell, edit and write turns all changed the
+//! files as scripted.
 //!
 //! # Which requests consume a turn
 //!
@@ -30,7 +34,7 @@
 //! * Every other request consumes the next turn. When none is left, or a turn needs a tool the
 //!   agent did not advertise, the gateway answers 400 with the reason and records an error.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::api::{Api, ParsedRequest, Reply, Tool, ToolCall};
@@ -38,8 +42,10 @@ use crate::api::{Api, ParsedRequest, Reply, Tool, ToolCall};
 /// The text a side request gets.
 pub const SIDE_REPLY: &str = "ok";
 
-/// One scripted model turn.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// One scripted model turn. As JSON: `{"turn": "shell", "command": "ls"}`,
+/// `{"turn": "edit", "path", "old", "new"}`, `{"turn": "write", "path", "content"}`,
+/// `{"turn": "text", "text"}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "turn", rename_all = "snake_case")]
 pub enum Turn {
     /// Run a shell command.
