@@ -1,0 +1,478 @@
+//! Scripted mode: the test gives generic turns; each one is mapped onto the tools the agent
+//! advertised in the request it answers.
+//!
+//! # Mapping
+//!
+//! | turn | Anthropic (Claude Code) | Responses (Codex) | Chat with tools | Chat without tools (Aider) |
+//! |---|---|---|---|---|
+//! | `shell` | `Bash {command}` | shell tool | shell tool | a `bash` fenced block |
+//! | `edit` | `Read` (if advertised) + `Edit {file_path, old_string, new_string}`, else shell | shell (python3) | shell (python3) | SEARCH/REPLACE block ([`ChatEditFormat::Diff`] only) |
+//! | `write` | `Write {file_path, content}`, else shell | shell (printf) | shell (printf) | whole-file block |
+//! | `text` | text | text | text | text |
+//!
+//! The *shell tool* is the first advertised tool named `Bash`, `exec_command`, `shell`,
+//! `bash`, `run_shell_command`, `execute_command` or `run_command` (else the first whose name
+//! contains `shell`, `bash`, `exec` or `command`); its argument is the first of `command`,
+//! `cmd`, `script` in its schema, given `["bash", "-lc", cmd]` when the schema says `array`.
+//! On a shell tool an edit becomes a `python3` heredoc that replaces the first occurrence of
+//! `old` (and exits 1 if `old` is absent) — so the guest needs python3 — and a write becomes
+//! `mkdir -p DIR && printf '%s' 'CONTENT' > PATH` (byte-exact, no trailing newline added).
+//! Relative paths are made absolute with the agent's working directory when its prompt states
+//! it (Claude Code: `Primary working directory: /x`; not with `--bare`, where relative paths
+//! also work). Claude Code refuses to `Edit` a file it has not read, hence the `Read` first:
+//! both go in one assistant message and Claude Code runs them in order. Checked with Claude
+//! Code 2.1.197 (also `--bare`, where `Write` is missing and the printf fallback applies) and
+//! Codex 0.171.0 against `examples/serve.rs`: shell, edit and write turns all changed the
+//! files as scripted.
+//!
+//! # Which requests consume a turn
+//!
+//! * A **side request** (Anthropic / Responses: no tools advertised; Chat: a structured
+//!   `response_format`) is answered with [`SIDE_REPLY`] and consumes nothing.
+//! * A **repeat** (its normalised body equals one already answered, e.g. a client retry) gets
+//!   the same answer again and consumes nothing.
+//! * Every other request consumes the next turn. When none is left, or a turn needs a tool the
+//!   agent did not advertise, the gateway answers 400 with the reason and records an error.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::api::{Api, ParsedRequest, Reply, Tool, ToolCall};
+
+/// The text a side request gets.
+pub const SIDE_REPLY: &str = "ok";
+
+/// One scripted model turn. As JSON: `{"turn": "shell", "command": "ls"}`,
+/// `{"turn": "edit", "path", "old", "new"}`, `{"turn": "write", "path", "content"}`,
+/// `{"turn": "text", "text"}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "turn", rename_all = "snake_case")]
+pub enum Turn {
+    /// Run a shell command.
+    Shell {
+        /// The command line.
+        command: String,
+    },
+    /// Replace the first occurrence of `old` by `new` in `path`.
+    Edit {
+        /// File path (relative to the agent's working directory, or absolute).
+        path: String,
+        /// Exact text to replace.
+        old: String,
+        /// Replacement.
+        new: String,
+    },
+    /// Create or overwrite `path` with `content`.
+    Write {
+        /// File path (relative to the agent's working directory, or absolute).
+        path: String,
+        /// Full file content.
+        content: String,
+    },
+    /// Answer with text and no tool call (usually the last turn: the agent stops).
+    Text {
+        /// The text.
+        text: String,
+    },
+}
+
+impl Turn {
+    /// A shell command turn.
+    pub fn shell(command: impl Into<String>) -> Self {
+        Self::Shell {
+            command: command.into(),
+        }
+    }
+    /// An exact-replacement edit turn.
+    pub fn edit(path: impl Into<String>, old: impl Into<String>, new: impl Into<String>) -> Self {
+        Self::Edit {
+            path: path.into(),
+            old: old.into(),
+            new: new.into(),
+        }
+    }
+    /// A whole-file write turn.
+    pub fn write(path: impl Into<String>, content: impl Into<String>) -> Self {
+        Self::Write {
+            path: path.into(),
+            content: content.into(),
+        }
+    }
+    /// A text-only turn.
+    pub fn text(text: impl Into<String>) -> Self {
+        Self::Text { text: text.into() }
+    }
+}
+
+/// How edits are written for a Chat Completions agent that advertises no tools (Aider's
+/// `--edit-format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ChatEditFormat {
+    /// `path\n```\ncontent\n```\n` (Aider's default `whole` format). An edit turn cannot be
+    /// expressed and is an error: use [`Turn::write`].
+    #[default]
+    Whole,
+    /// SEARCH/REPLACE blocks (Aider's `diff` format); writes use an empty SEARCH.
+    Diff,
+}
+
+/// Why a turn cannot be rendered for a request.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TurnError {
+    /// The turn needs a kind of tool the request does not advertise.
+    #[error("turn {turn} needs {needs}, but the agent advertised {advertised:?}; script a turn this agent can run")]
+    ToolNotAdvertised {
+        /// 1-based turn number.
+        turn: usize,
+        /// What was needed.
+        needs: &'static str,
+        /// The tool names the agent advertised.
+        advertised: Vec<String>,
+    },
+    /// An edit turn for a tool-less chat agent in whole-file format.
+    #[error("turn {turn} is an edit, which Aider's whole-file format cannot express; use Turn::write or ChatEditFormat::Diff")]
+    EditNeedsDiffFormat {
+        /// 1-based turn number.
+        turn: usize,
+    },
+}
+
+/// Maps turn number `number` (1-based) onto `request`'s tools.
+pub fn render_turn(
+    turn: &Turn,
+    number: usize,
+    request: &ParsedRequest,
+    chat: ChatEditFormat,
+) -> Result<Reply, TurnError> {
+    if let Turn::Text { text } = turn {
+        return Ok(Reply::text(text.clone()));
+    }
+    if request.api == Api::OpenAiChat && request.tools.is_empty() {
+        return aider_text(turn, number, chat).map(Reply::text);
+    }
+    let abs = |path: &str| absolute(path, request.cwd.as_deref());
+    let find = |name: &str| request.tools.iter().find(|t| t.name == name);
+    let not_advertised = |needs| TurnError::ToolNotAdvertised {
+        turn: number,
+        needs,
+        advertised: request.tools.iter().map(|t| t.name.clone()).collect(),
+    };
+    if request.api == Api::Anthropic {
+        match turn {
+            Turn::Edit { path, old, new } if find("Edit").is_some() => {
+                let file_path = abs(path);
+                let mut tool_calls = Vec::new();
+                if find("Read").is_some() {
+                    tool_calls.push(call("Read", json!({"file_path": file_path})));
+                }
+                tool_calls.push(call(
+                    "Edit",
+                    json!({"file_path": file_path, "old_string": old, "new_string": new}),
+                ));
+                return Ok(Reply {
+                    text: None,
+                    tool_calls,
+                });
+            }
+            Turn::Write { path, content } if find("Write").is_some() => {
+                return Ok(tool_reply(call(
+                    "Write",
+                    json!({"file_path": abs(path), "content": content}),
+                )));
+            }
+            _ => {}
+        }
+    }
+    let shell = shell_tool(&request.tools).ok_or_else(|| not_advertised("a shell tool"))?;
+    let command = match turn {
+        Turn::Shell { command } => command.clone(),
+        Turn::Edit { path, old, new } => edit_command(&abs(path), old, new),
+        Turn::Write { path, content } => write_command(&abs(path), content),
+        Turn::Text { .. } => unreachable!("handled above"),
+    };
+    Ok(tool_reply(call(
+        &shell.name,
+        shell_arguments(shell, &command),
+    )))
+}
+
+fn call(name: &str, arguments: Value) -> ToolCall {
+    ToolCall {
+        name: name.to_owned(),
+        arguments,
+    }
+}
+
+fn tool_reply(call: ToolCall) -> Reply {
+    Reply {
+        text: None,
+        tool_calls: vec![call],
+    }
+}
+
+fn absolute(path: &str, cwd: Option<&str>) -> String {
+    match cwd {
+        Some(cwd) if !path.starts_with('/') => format!("{}/{path}", cwd.trim_end_matches('/')),
+        _ => path.to_owned(),
+    }
+}
+
+/// The advertised tool used for shell commands (see the module docs for the rule).
+pub fn shell_tool(tools: &[Tool]) -> Option<&Tool> {
+    const PREFERRED: [&str; 7] = [
+        "Bash",
+        "exec_command",
+        "shell",
+        "bash",
+        "run_shell_command",
+        "execute_command",
+        "run_command",
+    ];
+    PREFERRED
+        .iter()
+        .find_map(|name| tools.iter().find(|t| t.name == *name))
+        .or_else(|| {
+            tools.iter().find(|t| {
+                let n = t.name.to_lowercase();
+                ["shell", "bash", "exec", "command"]
+                    .iter()
+                    .any(|k| n.contains(k))
+            })
+        })
+}
+
+/// The arguments for `tool` that run `command`.
+pub fn shell_arguments(tool: &Tool, command: &str) -> Value {
+    let props = tool.schema.get("properties").and_then(Value::as_object);
+    let key = ["command", "cmd", "script"]
+        .into_iter()
+        .find(|k| props.is_some_and(|p| p.contains_key(*k)))
+        .unwrap_or("command");
+    let is_array = props
+        .and_then(|p| p.get(key))
+        .and_then(|p| p.get("type"))
+        .and_then(Value::as_str)
+        == Some("array");
+    let value = if is_array {
+        json!(["bash", "-lc", command])
+    } else {
+        json!(command)
+    };
+    json!({ key: value })
+}
+
+/// Quotes `s` for a POSIX shell (single quotes).
+pub fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// A shell command that writes `content` to `path` byte-exactly.
+pub fn write_command(path: &str, content: &str) -> String {
+    let dir = match path.rfind('/') {
+        Some(0) => "/",
+        Some(i) => &path[..i],
+        None => ".",
+    };
+    format!(
+        "mkdir -p {} && printf '%s' {} > {}",
+        shell_quote(dir),
+        shell_quote(content),
+        shell_quote(path)
+    )
+}
+
+/// A shell command (python3 heredoc) that replaces the first `old` by `new` in `path`.
+pub fn edit_command(path: &str, old: &str, new: &str) -> String {
+    // JSON string literals are valid Python string literals.
+    let lit = |s: &str| Value::String(s.to_owned()).to_string();
+    format!(
+        "python3 - <<'AGENTVM_EDIT'\nimport pathlib, sys\np = pathlib.Path({path})\ns = p.read_text()\nold, new = {old}, {new}\nif old not in s:\n    sys.exit('edit: old text not found in ' + str(p))\np.write_text(s.replace(old, new, 1))\nAGENTVM_EDIT",
+        path = lit(path),
+        old = lit(old),
+        new = lit(new)
+    )
+}
+
+fn aider_text(turn: &Turn, number: usize, chat: ChatEditFormat) -> Result<String, TurnError> {
+    Ok(match (turn, chat) {
+        (Turn::Shell { command }, _) => format!("```bash\n{command}\n```\n"),
+        (Turn::Write { path, content }, ChatEditFormat::Whole) => {
+            format!(
+                "{path}\n```\n{}\n```\n",
+                content.strip_suffix('\n').unwrap_or(content)
+            )
+        }
+        (Turn::Write { path, content }, ChatEditFormat::Diff) => search_replace(path, "", content),
+        (Turn::Edit { path, old, new }, ChatEditFormat::Diff) => search_replace(path, old, new),
+        (Turn::Edit { .. }, ChatEditFormat::Whole) => {
+            return Err(TurnError::EditNeedsDiffFormat { turn: number })
+        }
+        (Turn::Text { text }, _) => text.clone(),
+    })
+}
+
+fn search_replace(path: &str, old: &str, new: &str) -> String {
+    let line = |s: &str| {
+        if s.is_empty() || s.ends_with('\n') {
+            s.to_owned()
+        } else {
+            format!("{s}\n")
+        }
+    };
+    format!(
+        "{path}\n```\n<<<<<<< SEARCH\n{}=======\n{}>>>>>>> REPLACE\n```\n",
+        line(old),
+        line(new)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{anthropic, openai_chat, openai_responses};
+
+    fn claude(tools: &[&str]) -> ParsedRequest {
+        let tools: Vec<Value> = tools
+            .iter()
+            .map(|n| json!({"name": n, "input_schema": {"properties": {"command": {"type": "string"}}}}))
+            .collect();
+        anthropic::parse(&json!({"tools": tools, "system": "Working directory: /workspace"}))
+    }
+
+    #[test]
+    fn anthropic_turns_use_claude_code_tools() {
+        let req = claude(&["Bash", "Read", "Edit", "Write"]);
+        let c = ChatEditFormat::Whole;
+        let shell = render_turn(&Turn::shell("echo hi > hi.txt"), 1, &req, c).unwrap();
+        assert_eq!(
+            shell.tool_calls,
+            [call("Bash", json!({"command": "echo hi > hi.txt"}))]
+        );
+        let edit = render_turn(&Turn::edit("README.md", "a", "b"), 2, &req, c).unwrap();
+        assert_eq!(
+            edit.tool_calls,
+            [
+                call("Read", json!({"file_path": "/workspace/README.md"})),
+                call(
+                    "Edit",
+                    json!({"file_path": "/workspace/README.md", "old_string": "a", "new_string": "b"})
+                ),
+            ]
+        );
+        let write = render_turn(&Turn::write("/x/y", "z"), 3, &req, c).unwrap();
+        assert_eq!(
+            write.tool_calls,
+            [call("Write", json!({"file_path": "/x/y", "content": "z"}))]
+        );
+        let text = render_turn(&Turn::text("done"), 4, &req, c).unwrap();
+        assert_eq!(text, Reply::text("done"));
+    }
+
+    #[test]
+    fn bare_claude_write_falls_back_to_bash_and_missing_tools_are_errors() {
+        let req = claude(&["Bash", "Read", "Edit"]);
+        let write =
+            render_turn(&Turn::write("a.txt", "hi"), 1, &req, ChatEditFormat::Whole).unwrap();
+        assert_eq!(write.tool_calls[0].name, "Bash");
+        assert_eq!(
+            write.tool_calls[0].arguments["command"],
+            "mkdir -p '/workspace' && printf '%s' 'hi' > '/workspace/a.txt'"
+        );
+        let err = render_turn(
+            &Turn::shell("ls"),
+            5,
+            &claude(&["Read"]),
+            ChatEditFormat::Whole,
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "turn 5 needs a shell tool, but the agent advertised [\"Read\"]; script a turn this agent can run"
+        );
+    }
+
+    #[test]
+    fn codex_uses_exec_command_cmd() {
+        let req = openai_responses::parse(&json!({"tools": [
+            {"type": "function", "name": "write_stdin", "parameters": {}},
+            {"type": "function", "name": "exec_command", "parameters": {"properties": {"cmd": {"type": "string"}}}}]}));
+        let r = render_turn(&Turn::shell("echo hi"), 1, &req, ChatEditFormat::Whole).unwrap();
+        assert_eq!(
+            r.tool_calls,
+            [call("exec_command", json!({"cmd": "echo hi"}))]
+        );
+        let e = render_turn(
+            &Turn::edit("f", "a'b", "c\"d"),
+            2,
+            &req,
+            ChatEditFormat::Whole,
+        )
+        .unwrap();
+        let cmd = e.tool_calls[0].arguments["cmd"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert!(cmd.starts_with("python3 - <<'AGENTVM_EDIT'\n"), "{cmd}");
+        assert!(cmd.contains("old, new = \"a'b\", \"c\\\"d\""), "{cmd}");
+    }
+
+    #[test]
+    fn chat_shell_function_with_array_argument() {
+        let req = openai_chat::parse(
+            &json!({"tools": [{"type": "function", "function": {"name": "shell",
+            "parameters": {"properties": {"command": {"type": "array"}}}}}]}),
+        );
+        let r = render_turn(&Turn::shell("ls"), 1, &req, ChatEditFormat::Whole).unwrap();
+        assert_eq!(
+            r.tool_calls,
+            [call("shell", json!({"command": ["bash", "-lc", "ls"]}))]
+        );
+    }
+
+    #[test]
+    fn aider_gets_edit_format_text() {
+        let req = openai_chat::parse(&json!({"messages": []}));
+        let whole = render_turn(
+            &Turn::write("hi.txt", "hello\n"),
+            1,
+            &req,
+            ChatEditFormat::Whole,
+        )
+        .unwrap();
+        assert_eq!(whole, Reply::text("hi.txt\n```\nhello\n```\n"));
+        let diff = render_turn(
+            &Turn::edit("hi.txt", "hello", "bye"),
+            1,
+            &req,
+            ChatEditFormat::Diff,
+        )
+        .unwrap();
+        assert_eq!(
+            diff,
+            Reply::text("hi.txt\n```\n<<<<<<< SEARCH\nhello\n=======\nbye\n>>>>>>> REPLACE\n```\n")
+        );
+        let new_file = render_turn(
+            &Turn::write("hi.txt", "hello"),
+            1,
+            &req,
+            ChatEditFormat::Diff,
+        )
+        .unwrap();
+        assert_eq!(
+            new_file,
+            Reply::text("hi.txt\n```\n<<<<<<< SEARCH\n=======\nhello\n>>>>>>> REPLACE\n```\n")
+        );
+        let err =
+            render_turn(&Turn::edit("a", "b", "c"), 3, &req, ChatEditFormat::Whole).unwrap_err();
+        assert_eq!(err, TurnError::EditNeedsDiffFormat { turn: 3 });
+    }
+
+    #[test]
+    fn shell_quote_survives_single_quotes() {
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
+        assert_eq!(
+            write_command("x", "a"),
+            "mkdir -p '.' && printf '%s' 'a' > 'x'"
+        );
+    }
+}
