@@ -1,7 +1,10 @@
 //! [`Agent`] (what runs) and [`Task`] (what it is asked to do).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
+
+use agentvm_gateway::Model;
 
 use crate::redact::Secrets;
 
@@ -15,6 +18,30 @@ pub const PROMPT_FILE: &str = "/opt/agentvm/task/prompt.txt";
 pub const WORKSPACE: &str = "/workspace";
 /// Default cap on captured bytes of each of stdout and stderr of an agent run.
 pub const DEFAULT_AGENT_OUTPUT_LIMIT: u64 = 1024 * 1024;
+/// Guest loopback port of the model gateway (tunnelled to the host).
+pub const MODEL_PORT: u16 = 8787;
+/// The API key the agent presets give the agent: the gateway ignores it,
+/// and no real key ever enters the guest.
+pub const GATEWAY_API_KEY: &str = "sk-agentvm-gateway-not-a-real-key";
+/// The presets' default timeout: a real agent's first start reads and
+/// translates hundreds of MB of code, which takes tens of seconds under
+/// QEMU's software emulation (TCG).
+pub const REAL_AGENT_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// The gateway's URL as the guest sees it ([`MODEL_PORT`]).
+const MODEL_BASE_URL: &str = "http://127.0.0.1:8787";
+
+/// A [`Model`] shared by clones of an [`Agent`] (equal when it is the same).
+#[derive(Clone)]
+pub(crate) struct ModelSlot(pub(crate) Arc<Model>);
+
+impl PartialEq for ModelSlot {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for ModelSlot {}
 
 /// Where the agent comes from.
 #[derive(Clone, PartialEq, Eq)]
@@ -48,6 +75,7 @@ pub struct Agent {
     pub(crate) secrets: Vec<(String, String)>,
     pub(crate) timeout: Option<Duration>,
     pub(crate) output_limit: u64,
+    pub(crate) model: Option<ModelSlot>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -69,6 +97,7 @@ impl std::fmt::Debug for Agent {
             .field("secret_env", &secrets)
             .field("timeout", &self.timeout)
             .field("output_limit", &self.output_limit)
+            .field("model", &self.model.as_ref().map(|m| &m.0))
             .finish()
     }
 }
@@ -82,7 +111,65 @@ impl Agent {
             secrets: Vec::new(),
             timeout: None,
             output_limit: DEFAULT_AGENT_OUTPUT_LIMIT,
+            model: None,
         }
+    }
+
+    /// The real Claude Code CLI (`claude`, installed in the `agent` image
+    /// by the `claude-code` recipe), pointed at the model gateway and kept
+    /// quiet: `claude -p "$AGENT_PROMPT" --dangerously-skip-permissions
+    /// --bare` with `ANTHROPIC_BASE_URL` on the tunnelled gateway port, a
+    /// fake key, telemetry, auto-update and non-essential traffic off and no
+    /// retries (an unreachable API fails at once instead of retrying for
+    /// minutes). Give it a [`Model`] with [`Agent::model`].
+    pub fn claude_code() -> Self {
+        Self::command([
+            "sh",
+            "-c",
+            "exec claude -p \"$AGENT_PROMPT\" --dangerously-skip-permissions --bare </dev/null",
+        ])
+        .env("ANTHROPIC_BASE_URL", MODEL_BASE_URL)
+        .env("ANTHROPIC_API_KEY", GATEWAY_API_KEY)
+        .env("DISABLE_TELEMETRY", "1")
+        .env("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1")
+        .env("DISABLE_AUTOUPDATER", "1")
+        .env("CLAUDE_CODE_MAX_RETRIES", "0")
+        // Lets it skip permissions when a test runs it as root.
+        .env("IS_SANDBOX", "1")
+        .timeout(REAL_AGENT_TIMEOUT)
+    }
+
+    /// The real OpenAI Codex CLI (`codex`, from the `codex` recipe), on a
+    /// custom model provider at the gateway (Codex ignores
+    /// `OPENAI_BASE_URL`) with the Responses wire API, analytics, plugins
+    /// and apps off (they delay exit or reach out), approvals and its own
+    /// sandbox bypassed (the VM is the sandbox). Give it a [`Model`].
+    pub fn codex() -> Self {
+        Self::command([
+            "sh",
+            "-c",
+            concat!(
+                "exec codex exec --skip-git-repo-check --dangerously-bypass-approvals-and-sandbox ",
+                "--disable plugins --disable remote_plugin --disable apps ",
+                "-c analytics.enabled=false -m gpt-agentvm -c model_provider=agentvm ",
+                "-c 'model_providers.agentvm={name=\"agentvm\",base_url=\"http://127.0.0.1:8787/v1\",",
+                "env_key=\"OPENAI_API_KEY\",wire_api=\"responses\"}' ",
+                "\"$AGENT_PROMPT\" </dev/null"
+            ),
+        ])
+        .env("OPENAI_API_KEY", GATEWAY_API_KEY)
+        .timeout(REAL_AGENT_TIMEOUT)
+    }
+
+    /// Answers the agent's model requests with `model` — scripted turns, a
+    /// replayed cassette or a recording — through the model gateway on the
+    /// guest's `127.0.0.1:8787` ([`MODEL_PORT`]). What the agent asked and
+    /// got is in [`AgentRun::transcript`](crate::AgentRun::transcript); a
+    /// request the model cannot answer (script ran out, no cassette match)
+    /// fails the run with the gateway's message.
+    pub fn model(mut self, model: Model) -> Self {
+        self.model = Some(ModelSlot(Arc::new(model)));
+        self
     }
 
     /// A script or binary on the host, copied into the guest as

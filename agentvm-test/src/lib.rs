@@ -49,6 +49,7 @@ mod vm_ext;
 pub use agent::{
     Agent, Task, AGENT_DIR, DEFAULT_AGENT_OUTPUT_LIMIT, PROMPT_FILE, TASK_DIR, WORKSPACE,
 };
+pub use agentvm_gateway;
 pub use agentvm_macros::agent_vm_test;
 pub use agentvm_runtime;
 pub use agentvm_runtime::command::Command;
@@ -64,6 +65,7 @@ pub mod prelude {
     pub use crate::{
         agent_vm_test, assert_agent_snapshot, Agent, AgentRun, Command, Task, TestResult, Vm, VmExt,
     };
+    pub use agentvm_gateway::{Model, Turn};
 }
 
 /// Defines the test binary's `main`, which runs every `#[agent_vm_test]` of

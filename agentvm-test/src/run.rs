@@ -50,7 +50,7 @@ pub const MAX_DIFF_TEXT: usize = 64 * 1024;
 ///   unroutable_packets: 0
 ///   oom_kills: 0
 /// ```
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct AgentRun {
     exit_code: Option<i32>,
     signal: Option<i32>,
@@ -69,6 +69,9 @@ pub struct AgentRun {
     #[serde(serialize_with = "ser_duration")]
     duration: Duration,
     resources: Resources,
+    /// The model gateway's record of the run (agents with a model only).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    transcript: Vec<agentvm_gateway::Exchange>,
     #[serde(skip)]
     stdout_bytes: u64,
     #[serde(skip)]
@@ -352,9 +355,24 @@ impl AgentRun {
             outside_workspace_truncated: outside_truncated,
             duration: report.duration,
             resources: report.resources.into(),
+            transcript: Vec::new(),
             stdout_bytes: report.stdout_bytes.max(output.stdout.len() as u64),
             stderr_bytes: report.stderr_bytes.max(output.stderr.len() as u64),
         }
+    }
+
+    /// The same run with the model gateway's transcript.
+    pub fn with_transcript(mut self, transcript: Vec<agentvm_gateway::Exchange>) -> Self {
+        self.transcript = transcript;
+        self
+    }
+
+    /// What the agent asked its model and got, request by request: the new
+    /// user text and tool results, the answer's text and tool calls, token
+    /// counts (empty for agents without a [`Agent::model`](crate::Agent::model)).
+    /// Serialized into snapshots when not empty.
+    pub fn transcript(&self) -> &[agentvm_gateway::Exchange] {
+        &self.transcript
     }
 
     /// Absolute paths outside `/workspace` (and the agent's staging

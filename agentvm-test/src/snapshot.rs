@@ -13,8 +13,8 @@
 /// Redactions and filters for agent run snapshots, applied on top of the
 /// settings currently bound:
 ///
-/// * `.duration` → `"[duration]"` and `.resources` → `"[resources]"`
-///   (they vary from run to run);
+/// * `.duration` → `"[duration]"`, `.resources` → `"[resources]"` and
+///   `.transcript[].usage` → `"[usage]"` (they vary from run to run);
 /// * host temporary directories made by the `tempfile` crate
 ///   (`/tmp/.tmpXXXXXX`) → `[tempdir]`, and `mktemp` names
 ///   (`/tmp/tmp.XXXXXX`) → `[mktemp]`.
@@ -22,6 +22,9 @@ pub fn settings() -> insta::Settings {
     let mut settings = insta::Settings::clone_current();
     settings.add_redaction(".duration", "[duration]");
     settings.add_redaction(".resources", "[resources]");
+    // Scripted token counts are estimates from request sizes, which carry
+    // dates and paths; recorded ones vary with the model.
+    settings.add_redaction(".transcript[].usage", "[usage]");
     let tmp = std::env::temp_dir();
     let tmp = tmp.to_string_lossy();
     let tmp = tmp.trim_end_matches('/');

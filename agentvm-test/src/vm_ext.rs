@@ -44,6 +44,20 @@ pub enum AgentError {
         /// What is wrong.
         message: String,
     },
+    /// The model gateway could not start (a cassette that does not load, a
+    /// missing script, record mode in CI).
+    #[error("model gateway: {0}")]
+    ModelSetup(#[from] agentvm_gateway::SetupError),
+    /// The model could not answer the agent: the script ran out, a turn
+    /// needs a tool the agent does not have, or no cassette entry matches
+    /// (the message shows the diff against the nearest one).
+    #[error("the model gateway could not answer the agent:\n{}", .errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n---\n"))]
+    Model {
+        /// Every error, in order.
+        errors: Vec<agentvm_gateway::GatewayError>,
+        /// The run as far as it went (its transcript included).
+        run: Box<AgentRun>,
+    },
     /// A VM operation failed (the guest crashed or hung, or refused a file).
     #[error("{step}: {source}")]
     VmOperation {
@@ -282,10 +296,18 @@ async fn run_agent(vm: &mut Vm, agent: &Agent, task: &Task) -> Result<AgentRun, 
     for (k, v) in agent.env.iter().chain(&agent.secrets) {
         command = command.env(k.clone(), v.clone());
     }
+    let model = match &agent.model {
+        Some(slot) => Some(ModelSession::start(vm, &slot.0).await?),
+        None => None,
+    };
     let output = vm
         .exec(command)
         .await
         .map_err(AgentError::vm("running the agent"))?;
+    let (transcript, model_errors) = match model {
+        Some(session) => session.finish(vm).await,
+        None => (Vec::new(), Vec::new()),
+    };
     let test = context
         .as_ref()
         .map(|c| c.lock().unwrap_or_else(|e| e.into_inner()).test.clone())
@@ -300,7 +322,13 @@ async fn run_agent(vm: &mut Vm, agent: &Agent, task: &Task) -> Result<AgentRun, 
         .map_err(AgentError::vm("listing the workspace changes"));
     let outside = changes.as_ref().ok().map(|c| c.outside_workspace.len());
     emit_execution(test, vm.id(), argv, &output.report, outside);
-    let run = AgentRun::from_changes(output, changes?, &secrets);
+    let run = AgentRun::from_changes(output, changes?, &secrets).with_transcript(transcript);
+    if !model_errors.is_empty() {
+        return Err(AgentError::Model {
+            errors: model_errors,
+            run: Box::new(run),
+        });
+    }
     if let Some(context) = &context {
         context
             .lock()
@@ -309,6 +337,44 @@ async fn run_agent(vm: &mut Vm, agent: &Agent, task: &Task) -> Result<AgentRun, 
             .push(run.clone());
     }
     Ok(run)
+}
+
+/// The model gateway serving one agent run over the tunnelled model port.
+struct ModelSession {
+    gateway: agentvm_gateway::Gateway,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl ModelSession {
+    async fn start(vm: &mut Vm, model: &agentvm_gateway::Model) -> Result<Self, AgentError> {
+        let gateway =
+            agentvm_gateway::Gateway::new(agentvm_gateway::GatewayConfig::new(model.clone()))?;
+        let mut listener = vm
+            .tunnel_listen(crate::agent::MODEL_PORT)
+            .await
+            .map_err(AgentError::vm("opening the model port in the guest"))?;
+        let serving = gateway.clone();
+        let server = tokio::spawn(async move {
+            while let Ok(stream) = listener.accept().await {
+                let gateway = serving.clone();
+                tokio::spawn(async move { gateway.serve_connection(stream).await });
+            }
+        });
+        Ok(Self { gateway, server })
+    }
+
+    /// Stops serving; the transcript and the errors of the run.
+    async fn finish(
+        self,
+        vm: &mut Vm,
+    ) -> (
+        Vec<agentvm_gateway::Exchange>,
+        Vec<agentvm_gateway::GatewayError>,
+    ) {
+        self.server.abort();
+        let _ = vm.client().tunnel_unlisten(crate::agent::MODEL_PORT).await;
+        (self.gateway.transcript(), self.gateway.take_errors())
+    }
 }
 
 /// Emits the [`Event::Execution`](agentvm_runtime::events::Event::Execution) of a run.

@@ -1,0 +1,130 @@
+//! The real Claude Code and Codex CLIs (installed in the `agent` image by
+//! their recipes) in real VMs, offline: their model API is the model
+//! gateway on the host, reached through the control channel's tunnel — the
+//! VM has no network at all. A scripted model has each agent run a shell
+//! command and edit a file; the agent executes both in the VM, and the
+//! snapshot shows the transcript and the workspace changes. The replay tests
+//! answer from cassettes committed beside the snapshots.
+//!
+//! When the agent image is not built, these tests are reported ignored with
+//! the command that builds it.
+
+use agentvm_test::prelude::*;
+
+const TASK: &str = "Create notes.txt saying hello, then change hello to hi.";
+
+/// The model's side of the task, for any agent: a shell command, an edit, a final word.
+fn script() -> Model {
+    Model::scripted([
+        Turn::shell("echo hello > notes.txt"),
+        Turn::edit("notes.txt", "hello", "hi"),
+        Turn::text("Done: notes.txt says hi."),
+    ])
+}
+
+fn cassette(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/cassettes")
+        .join(name)
+}
+
+fn check(run: &AgentRun) {
+    assert_eq!(run.exit_code(), Some(0), "{run:#?}");
+    assert_eq!(run.created(), ["notes.txt"], "{run:#?}");
+    assert_eq!(run.file_text("notes.txt"), Some("hi\n"), "{run:#?}");
+    // Every model turn came from the gateway, and each tool call ran.
+    assert!(run.transcript().len() >= 3, "{:#?}", run.transcript());
+    // Outside the workspace the agents write only their own state (session
+    // files under HOME, scratch under /tmp).
+    for path in run.outside_workspace() {
+        assert!(
+            ["/", "/home", "/tmp"].contains(&path.as_str())
+                || path.starts_with("/home/agent")
+                || path.starts_with("/tmp/"),
+            "{path} changed: {run:#?}"
+        );
+    }
+}
+
+/// The snapshot, without the agents' session files (their names carry
+/// session ids and timestamps; `check` looked at them).
+fn snapshot(name: &str, run: &AgentRun) {
+    let mut settings = agentvm_test::snapshot::settings();
+    settings.add_redaction(".outside_workspace", "[agent session state, checked]");
+    // Codex's log on stderr: its session id, timings and token total.
+    settings.add_filter(r"session id: [0-9a-f-]{36}", "session id: [id]");
+    settings.add_filter(r"succeeded in \d+ms", "succeeded in [ms]");
+    settings.add_filter(r"tokens used\\n[0-9,]+", "tokens used\\n[n]");
+    settings.bind(|| assert_agent_snapshot!(name, run));
+}
+
+#[agent_vm_test(image = "agent", profile = "standard", timeout = "600s")]
+async fn claude_code_runs_a_command_and_edits_a_file(vm: &mut Vm) -> TestResult {
+    let agent = Agent::claude_code().model(script());
+    let run = vm.run_agent(&agent, Task::prompt(TASK)).await?;
+    check(&run);
+    assert!(run.stdout().contains("notes.txt says hi"), "{run:#?}");
+    snapshot("claude_code_scripted", &run);
+    Ok(())
+}
+
+#[agent_vm_test(image = "agent", profile = "standard", timeout = "600s")]
+async fn codex_runs_a_command_and_edits_a_file(vm: &mut Vm) -> TestResult {
+    let agent = Agent::codex().model(script());
+    let run = vm.run_agent(&agent, Task::prompt(TASK)).await?;
+    check(&run);
+    assert!(run.stdout().contains("notes.txt says hi"), "{run:#?}");
+    snapshot("codex_scripted", &run);
+    Ok(())
+}
+
+#[agent_vm_test(image = "agent", profile = "standard", timeout = "600s")]
+async fn claude_code_replays_its_cassette(vm: &mut Vm) -> TestResult {
+    let agent = Agent::claude_code().model(Model::replay(cassette("claude_code.jsonl")));
+    let run = vm.run_agent(&agent, Task::prompt(TASK)).await?;
+    check(&run);
+    Ok(())
+}
+
+#[agent_vm_test(image = "agent", profile = "standard", timeout = "600s")]
+async fn codex_replays_its_cassette(vm: &mut Vm) -> TestResult {
+    let agent = Agent::codex().model(Model::replay(cassette("codex.jsonl")));
+    let run = vm.run_agent(&agent, Task::prompt(TASK)).await?;
+    check(&run);
+    Ok(())
+}
+
+/// Records the cassettes the replay tests answer from: each agent talks to
+/// a recording gateway whose upstream is a scripted gateway on the host's
+/// loopback, so the cassette holds exactly what the real CLI sent and got.
+#[agent_vm_test(
+    image = "agent",
+    profile = "standard",
+    timeout = "900s",
+    ignore = "rewrites tests/cassettes/*.jsonl: run with --ignored after changing an agent's version or the script"
+)]
+async fn record_cassettes(vm: &mut Vm) -> TestResult {
+    use agentvm_test::agentvm_gateway::{Gateway, GatewayConfig, Upstream};
+    for (name, agent) in [
+        ("claude_code.jsonl", Agent::claude_code()),
+        ("codex.jsonl", Agent::codex()),
+    ] {
+        let upstream = Gateway::new(GatewayConfig::new(script()))?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let base = format!("http://127.0.0.1:{}", listener.local_addr()?.port());
+        let _server = upstream.serve_listener(listener);
+        let path = cassette(name);
+        let _ = std::fs::remove_file(&path);
+        let key = || Some("sk-upstream-fake".to_string());
+        let model = Model::record(&path, Upstream::at(base, key(), key()));
+        let run = vm
+            .run_agent(&agent.model(model), Task::prompt(TASK))
+            .await?;
+        check(&run);
+        assert!(upstream.take_errors().is_empty());
+        vm.revert().await?;
+    }
+    Ok(())
+}
+
+agentvm_test::main!();
