@@ -9,22 +9,9 @@ use std::time::Duration;
 use agentvm_runtime::client::{ClientError, ExecEvent, GuestClient};
 use agentvm_runtime::command::Command;
 use agentvm_runtime::protocol::{ChangeKind, ErrorKind, ExitStatus, OutputStream};
-use tokio::net::UnixStream;
 
 async fn connect(agent: &common::Agent) -> GuestClient {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    let stream = loop {
-        match UnixStream::connect(&agent.socket).await {
-            Ok(stream) => break stream,
-            Err(_) if tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(20)).await
-            }
-            Err(e) => panic!("agent socket never appeared: {e}"),
-        }
-    };
-    GuestClient::connect(stream, Duration::from_secs(10))
-        .await
-        .expect("hello")
+    common::connect_client(agent).await
 }
 
 #[tokio::test]

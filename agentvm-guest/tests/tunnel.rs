@@ -9,22 +9,10 @@ use std::time::{Duration, Instant};
 
 use agentvm_runtime::client::GuestClient;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpStream, UnixStream};
+use tokio::net::TcpStream;
 
 async fn connect(agent: &common::Agent) -> GuestClient {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    let stream = loop {
-        match UnixStream::connect(&agent.socket).await {
-            Ok(stream) => break stream,
-            Err(_) if tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(20)).await
-            }
-            Err(e) => panic!("agent socket never appeared: {e}"),
-        }
-    };
-    GuestClient::connect(stream, Duration::from_secs(10))
-        .await
-        .expect("hello")
+    common::connect_client(agent).await
 }
 
 fn free_port() -> u16 {

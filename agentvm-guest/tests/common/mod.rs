@@ -281,3 +281,20 @@ pub fn process_exists(pid: i32) -> bool {
     let rc = unsafe { libc::kill(pid, 0) };
     rc == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
 }
+
+/// The real host client, connected to `agent` (waits up to 10 s for its socket).
+pub async fn connect_client(agent: &Agent) -> agentvm_runtime::client::GuestClient {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let stream = loop {
+        match UnixStream::connect(&agent.socket).await {
+            Ok(stream) => break stream,
+            Err(_) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Err(e) => panic!("agent socket never appeared: {e}"),
+        }
+    };
+    agentvm_runtime::client::GuestClient::connect(stream, Duration::from_secs(10))
+        .await
+        .expect("hello")
+}
