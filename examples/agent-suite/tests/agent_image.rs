@@ -145,4 +145,36 @@ async fn unprivileged_agent_edits_its_fixtures(vm: &mut Vm) -> TestResult {
     Ok(())
 }
 
+/// pip installs a wheel shipped in the repository, with no index and no
+/// network, as the `agent` user (`tests/fixtures/wheels/`: a pure-Python
+/// wheel made by hand).
+#[agent_vm_test(image = "agent", profile = "light", timeout = "180s")]
+async fn pip_installs_a_wheel_from_the_repository_offline(vm: &mut Vm) -> TestResult {
+    const WHEEL: &str = "agentvm_hello-0.1-py3-none-any.whl";
+    let wheel = std::fs::read(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/wheels")
+            .join(WHEEL),
+    )?;
+    vm.write_file(&format!("/workspace/{WHEEL}"), &wheel, 0o644)
+        .await?;
+    let out = vm
+        .sh(&format!(
+            "python3 -m pip install --user --break-system-packages --no-index --no-cache-dir \
+             --quiet ./{WHEEL} && cd / && python3 -c 'import agentvm_hello; print(agentvm_hello.hello())' \
+             && python3 -c 'import agentvm_hello; print(agentvm_hello.__file__)'"
+        ))
+        .await?;
+    assert!(out.success(), "{out:?}");
+    let mut lines = out.stdout.lines();
+    assert_eq!(lines.next(), Some("hello from a wheel"), "{out:?}");
+    assert!(
+        lines
+            .next()
+            .is_some_and(|f| f.starts_with("/home/agent/.local/")),
+        "installed into the agent user's site-packages: {out:?}"
+    );
+    Ok(())
+}
+
 agentvm_test::main!();
