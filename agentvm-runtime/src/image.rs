@@ -43,13 +43,30 @@ struct FileRef {
     size: Option<u64>,
 }
 
-/// The command that builds image `name`.
-pub fn build_command(name: &str) -> String {
-    if name == "default" {
-        "cargo xtask build-image".to_string()
+/// The command that builds image `name` into `images_dir` (the directory
+/// the harness looks in), run from a checkout of agentvm.
+pub fn build_command(name: &str, images_dir: &Path) -> String {
+    let name_arg = if name == "default" {
+        String::new()
     } else {
-        format!("cargo xtask build-image --name {name}")
-    }
+        format!(" --name {name}")
+    };
+    format!(
+        "cargo xtask build-image{name_arg} --out {}",
+        images_dir.display()
+    )
+}
+
+/// [`build_command`] for an image found missing at `path` (its directory or
+/// a file in it): the images directory is the parent of the directory named
+/// after the image.
+pub fn build_command_for_missing(name: &str, path: &Path) -> String {
+    let images_dir = path
+        .ancestors()
+        .find(|dir| dir.file_name() == Some(std::ffi::OsStr::new(name)))
+        .and_then(Path::parent)
+        .unwrap_or(path);
+    build_command(name, images_dir)
 }
 
 /// Finds image `name` under `images_dir` and reads its manifest.
@@ -90,7 +107,7 @@ pub fn locate_image(name: &str, images_dir: &Path) -> Result<ImagePaths, Backend
         context: format!(
             "invalid guest image manifest {} (rebuild the image with `{}`)",
             manifest_path.display(),
-            build_command(name)
+            build_command(name, images_dir)
         ),
         source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
     })?;
@@ -167,7 +184,7 @@ fn check_size(name: &str, path: &Path, expected: u64) -> Result<(), BackendError
             "guest image file {} is {actual} bytes but its manifest says {expected}: \
              it is truncated or was replaced (rebuild it with `{} --force`)",
             path.display(),
-            build_command(name)
+            build_command_for_missing(name, path)
         ),
         source: std::io::Error::from(std::io::ErrorKind::InvalidData),
     })
@@ -292,7 +309,10 @@ mod tests {
         let e = locate_image("agent", &tmp.0).unwrap_err().to_string();
         assert!(
             e.contains("is 2 bytes but its manifest says 4")
-                && e.contains("cargo xtask build-image --name agent --force"),
+                && e.contains(&format!(
+                    "cargo xtask build-image --name agent --out {} --force",
+                    tmp.0.display()
+                )),
             "{e}"
         );
         // Images without a disk have none.
@@ -301,8 +321,19 @@ mod tests {
     }
 
     #[test]
-    fn build_commands() {
-        assert_eq!(build_command("default"), "cargo xtask build-image");
-        assert_eq!(build_command("rich"), "cargo xtask build-image --name rich");
+    fn build_commands_name_the_output_directory() {
+        let dir = Path::new("/srv/images");
+        assert_eq!(
+            build_command("default", dir),
+            "cargo xtask build-image --out /srv/images"
+        );
+        assert_eq!(
+            build_command("rich", dir),
+            "cargo xtask build-image --name rich --out /srv/images"
+        );
+        assert_eq!(
+            build_command_for_missing("rich", Path::new("/srv/images/rich/vmlinuz")),
+            "cargo xtask build-image --name rich --out /srv/images"
+        );
     }
 }

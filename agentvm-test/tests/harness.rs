@@ -681,7 +681,8 @@ mod driver {
                 .contains("guest image \"missing-image\" not found at")
                 && out
                     .stdout
-                    .contains("`cargo xtask build-image --name missing-image`"),
+                    .contains("`cargo xtask build-image --name missing-image --out ")
+                && out.stdout.contains("/images`"),
             "missing image message with the build command",
             out,
         )

@@ -6,11 +6,12 @@
 cg=/sys/fs/cgroup/agentvm-forkbomb
 if echo +pids >/sys/fs/cgroup/cgroup.subtree_control 2>/dev/null &&
     mkdir -p "$cg" 2>/dev/null &&
-    echo 256 >"$cg/pids.max" 2>/dev/null &&
-    echo $$ >"$cg/cgroup.procs" 2>/dev/null; then
+    echo 256 >"$cg/pids.max" 2>/dev/null; then
     echo "fork bomb (at most 256 processes)"
-    bomb() { bomb | bomb & }
-    bomb 2>/dev/null
+    # The bomb joins the cgroup in a shell of its own; this one stays out,
+    # so its loop below can still fork `sleep` when the cgroup is full.
+    sh -c 'echo $$ >"$1/cgroup.procs" || exit 1; bomb() { bomb | bomb & }; bomb; wait' \
+        forkbomb "$cg" 2>/dev/null &
 else
     echo "fork bomb (2^8 leaves)"
     bomb() {
