@@ -129,6 +129,8 @@ struct Raw {
     /// The command of `Revert::first_exec_ms`, on a warm VM (same count as reverts).
     warm_shell_write_ms: Vec<f64>,
     file: FileTransfer,
+    /// The stream tunnel (`Vm::tunnel_listen`) on the same VM.
+    tunnel: TunnelBench,
     pool_warmup: PoolWarmup,
     acquire_us: Vec<f64>,
     /// Starts from the golden cache (QEMU backend): launch until the
@@ -162,6 +164,17 @@ struct FileTransfer {
     size_bytes: u64,
     put_ms: Vec<f64>,
     get_ms: Vec<f64>,
+}
+
+#[derive(Debug, Default, Serialize)]
+struct TunnelBench {
+    size_bytes: u64,
+    /// A guest `wget` downloading `size_bytes` from a host responder.
+    host_to_guest_ms: Vec<f64>,
+    /// A guest `dd | nc` uploading `size_bytes`, from accept to the last byte.
+    guest_to_host_ms: Vec<f64>,
+    /// 16-byte round trips through a guest echo (`nc -e cat`); compare with `ping_ms`.
+    echo_rtt_ms: Vec<f64>,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -227,6 +240,83 @@ fn status_kib(pid: &str, key: &str) -> Option<u64> {
         let rest = line.strip_prefix(key)?.strip_prefix(':')?;
         rest.split_whitespace().next()?.parse().ok()
     })
+}
+
+/// Throughput both ways and echo latency through `Vm::tunnel_listen`.
+async fn measure_tunnel(vm: &mut Vm, size: usize, echoes: usize) -> Result<TunnelBench> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const PORT: u16 = 9000;
+    let mut out = TunnelBench {
+        size_bytes: size as u64,
+        ..TunnelBench::default()
+    };
+    let mut listener = vm.tunnel_listen(PORT).await?;
+
+    // host → guest: an HTTP/1.0 answer of `size` bytes to a guest wget.
+    let server = tokio::spawn(async move {
+        let mut stream = listener.accept().await?;
+        let start = Instant::now();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).await? == 1 {
+            head.push(byte[0]);
+        }
+        let header = format!("HTTP/1.0 200 OK\r\nContent-Length: {size}\r\n\r\n");
+        stream.write_all(header.as_bytes()).await?;
+        stream.write_all(&vec![0x5a; size]).await?;
+        stream.shutdown().await?;
+        anyhow::Ok((start, listener))
+    });
+    let got = vm
+        .exec(Command::shell(format!(
+            "wget -q -O- http://127.0.0.1:{PORT}/ | wc -c"
+        )))
+        .await?;
+    let (start, mut listener) = server.await??;
+    out.host_to_guest_ms.push(ms(start.elapsed()));
+    ensure!(
+        String::from_utf8_lossy(&got.stdout).trim() == size.to_string(),
+        "the guest received {:?} bytes through the tunnel, not {size}",
+        String::from_utf8_lossy(&got.stdout).trim()
+    );
+
+    // guest → host: dd into nc, timed from accept to the last byte.
+    let mut upload = vm
+        .spawn(Command::shell(format!(
+            "dd if=/dev/zero bs=65536 count={} 2>/dev/null | nc 127.0.0.1 {PORT}",
+            size.div_ceil(65536)
+        )))
+        .await?;
+    let mut stream = listener.accept().await?;
+    let start = Instant::now();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut total = 0;
+    while total < size {
+        let n = stream.read(&mut buf).await?;
+        ensure!(n > 0, "upload ended after {total} bytes");
+        total += n;
+    }
+    out.guest_to_host_ms.push(ms(start.elapsed()));
+    drop(stream);
+    while upload.next_event().await?.is_some() {}
+
+    // Latency: small round trips through a guest echo.
+    let _echo = vm
+        .spawn(Command::shell(format!("nc 127.0.0.1 {PORT} -e cat")))
+        .await?;
+    let mut stream = listener.accept().await?;
+    let mut reply = [0u8; 16];
+    for i in 0..echoes {
+        let sent = [i as u8; 16];
+        let start = Instant::now();
+        stream.write_all(&sent).await?;
+        stream.read_exact(&mut reply).await?;
+        out.echo_rtt_ms.push(ms(start.elapsed()));
+        ensure!(reply == sent, "the echo differs");
+    }
+    drop(stream);
+    drop(listener);
+    Ok(out)
 }
 
 fn ms(d: Duration) -> f64 {
@@ -460,6 +550,17 @@ async fn run(args: &Args) -> Result<Raw> {
         ));
     }
     drop(data);
+
+    // 4b. The stream tunnel.
+    phase(format!(
+        "tunnel: {} MiB each way, {} echo round trips",
+        args.file_mib, args.execs
+    ));
+    raw.tunnel = measure_tunnel(&mut vm, size, args.execs).await?;
+    note(format!(
+        "host → guest {:.0} ms, guest → host {:.0} ms",
+        raw.tunnel.host_to_guest_ms[0], raw.tunnel.guest_to_host_ms[0]
+    ));
     if let Some(pid) = backend.pid_of(vm.id()) {
         if let Some(hwm) = status_kib(&pid.to_string(), "VmHWM") {
             raw.vm_memory.push(VmMemory {

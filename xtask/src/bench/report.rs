@@ -50,6 +50,9 @@ pub struct Raw {
     pub ping_ms: Vec<f64>,
     pub warm_shell_write_ms: Vec<f64>,
     pub file: RawFile,
+    /// The stream tunnel (absent in the output of older bench programs).
+    #[serde(default)]
+    pub tunnel: Option<RawTunnel>,
     pub pool_warmup: RawWarmup,
     pub acquire_us: Vec<f64>,
     /// Starts from the golden cache (empty when the backend has none).
@@ -81,6 +84,14 @@ pub struct RawFile {
     pub size_bytes: u64,
     pub put_ms: Vec<f64>,
     pub get_ms: Vec<f64>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct RawTunnel {
+    pub size_bytes: u64,
+    pub host_to_guest_ms: Vec<f64>,
+    pub guest_to_host_ms: Vec<f64>,
+    pub echo_rtt_ms: Vec<f64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -160,6 +171,8 @@ pub struct Report {
     /// A ping answered by the guest agent: the channel's share of an exec.
     pub channel_ping_ms: Summary,
     pub file_transfer: FileTransfer,
+    /// Guest-loopback streams tunnelled over the control channel (`null`: not measured).
+    pub tunnel: Option<TunnelReport>,
     pub suite: Suite,
     pub pool_warmup: PoolWarmup,
     /// Starting VMs from the golden cache (`null`: the backend has none).
@@ -222,6 +235,35 @@ pub struct FileTransfer {
     pub get_mib_s: f64,
     pub put_ms: Summary,
     pub get_ms: Summary,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TunnelReport {
+    pub size_mib: f64,
+    /// From the median time.
+    pub host_to_guest_mib_s: f64,
+    pub guest_to_host_mib_s: f64,
+    /// 16-byte round trip through a guest echo program.
+    pub echo_rtt_ms: Summary,
+    /// `echo_rtt_ms.p50 - channel_ping_ms.p50`: what the tunnel and the
+    /// guest's TCP loopback add to a bare channel round trip.
+    pub added_latency_ms: f64,
+}
+
+impl TunnelReport {
+    fn from_raw(raw: &RawTunnel, ping_p50_ms: f64) -> Option<Self> {
+        let size_mib = raw.size_bytes as f64 / (1024.0 * 1024.0);
+        let down = Summary::of(&raw.host_to_guest_ms)?;
+        let up = Summary::of(&raw.guest_to_host_ms)?;
+        let echo_rtt_ms = Summary::of(&raw.echo_rtt_ms)?;
+        Some(Self {
+            size_mib,
+            host_to_guest_mib_s: round3(size_mib / (down.p50 / 1000.0)),
+            guest_to_host_mib_s: round3(size_mib / (up.p50 / 1000.0)),
+            added_latency_ms: round3(echo_rtt_ms.p50 - ping_p50_ms),
+            echo_rtt_ms,
+        })
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -510,6 +552,10 @@ impl Report {
             pool_acquire_us,
             exec_true_ms,
             channel_ping_ms,
+            tunnel: raw
+                .tunnel
+                .as_ref()
+                .and_then(|t| TunnelReport::from_raw(t, channel_ping_ms.p50)),
             file_transfer,
             suite,
             pool_warmup,
@@ -857,6 +903,23 @@ impl Report {
             f.get_mib_s,
             Unit::Ms.show(f.get_ms.p50)
         );
+        if let Some(t) = &self.tunnel {
+            let _ = writeln!(
+                out,
+                "{:<34} {:>5}  host→guest {:.1} MiB/s, guest→host {:.1} MiB/s",
+                format!("   tunnel stream, {:.0} MiB", t.size_mib),
+                1,
+                t.host_to_guest_mib_s,
+                t.guest_to_host_mib_s,
+            );
+            row(
+                &mut out,
+                "   tunnel echo, 16 B round trip",
+                &t.echo_rtt_ms,
+                Unit::Ms,
+                format!("+{} over a ping", Unit::Ms.show(t.added_latency_ms)),
+            );
+        }
         let _ = writeln!(out);
         let s = &self.suite;
         let _ = writeln!(
@@ -1091,6 +1154,8 @@ mod tests {
       "reverts": [{"total_ms": 100.0, "restore_ms": 80.0, "resync_ms": 20.0, "first_exec_ms": 60.0}],
       "exec_true_ms": [9.0, 8.0], "ping_ms": [0.5], "warm_shell_write_ms": [12.0],
       "file": {"size_bytes": 16777216, "put_ms": [1000.0], "get_ms": [200.0]},
+      "tunnel": {"size_bytes": 16777216, "host_to_guest_ms": [4000.0], "guest_to_host_ms": [8000.0],
+                 "echo_rtt_ms": [1.5, 2.5]},
       "pool_warmup": {"vms": 4, "wall_ms": 5000.0, "vm_to_hello_ms": [4000.0], "vm_snapshot_ms": [200.0]},
       "acquire_us": [3.0, 5.0],
       "restore_ms": [300.0, 250.0],
@@ -1284,6 +1349,9 @@ mod tests {
             "3. pool acquire (warm pool)",
             "4. exec round trip of `true`",
             "file put / get, 16 MiB",
+            "tunnel stream, 16 MiB",
+            "host→guest 4.0 MiB/s, guest→host 2.0 MiB/s",
+            "tunnel echo, 16 B round trip",
             "5. suite: 10 trivial agent tests",
             "speed-up 2.8×",
             "6. pool warm-up, 4 VMs",
