@@ -95,8 +95,13 @@ impl Tunnels {
         let tunnels = Arc::downgrade(self);
         let task = tokio::spawn(async move {
             loop {
-                let Ok((socket, _)) = listener.accept().await else {
-                    continue;
+                let socket = match listener.accept().await {
+                    Ok((socket, _)) => socket,
+                    // Out of descriptors or memory: do not spin; retry soon.
+                    Err(_) => {
+                        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                        continue;
+                    }
                 };
                 let Some(tunnels) = tunnels.upgrade() else {
                     return;
