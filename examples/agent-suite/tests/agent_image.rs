@@ -145,6 +145,51 @@ async fn unprivileged_agent_edits_its_fixtures(vm: &mut Vm) -> TestResult {
     Ok(())
 }
 
+/// The same task for the Python and the Node.js fake agent: a README to
+/// edit and a file to delete.
+fn tidy_task() -> Task {
+    Task::prompt("tidy up")
+        .file("README.md", "# project\n\nTODO\n")
+        .file("old.txt", "stale\n")
+}
+
+/// A Python agent script changes the workspace; the run records exactly
+/// what it created, modified and deleted.
+#[agent_vm_test(image = "agent", profile = "light", timeout = "180s")]
+async fn python_agent_changes_the_workspace(vm: &mut Vm) -> TestResult {
+    let run = vm
+        .run_agent(&Agent::script("examples/agents/tidy.py"), tidy_task())
+        .await?;
+    assert!(run.success(), "{run:#?}");
+    assert_eq!(run.created(), ["src", "src/app.py"]);
+    assert_eq!(run.modified(), ["README.md"]);
+    assert_eq!(run.deleted(), ["old.txt"]);
+    assert_eq!(
+        run.file_text("README.md"),
+        Some("# project\n\nDone by tidy.py\n")
+    );
+    assert_agent_snapshot!(run);
+    Ok(())
+}
+
+/// A Node.js agent script does the same.
+#[agent_vm_test(image = "agent", profile = "light", timeout = "180s")]
+async fn node_agent_changes_the_workspace(vm: &mut Vm) -> TestResult {
+    let run = vm
+        .run_agent(&Agent::script("examples/agents/tidy.js"), tidy_task())
+        .await?;
+    assert!(run.success(), "{run:#?}");
+    assert_eq!(run.created(), ["notes", "notes/todo.md"]);
+    assert_eq!(run.modified(), ["README.md"]);
+    assert_eq!(run.deleted(), ["old.txt"]);
+    assert_eq!(
+        run.file_text("README.md"),
+        Some("# project\n\nDone by tidy.js\n")
+    );
+    assert_agent_snapshot!(run);
+    Ok(())
+}
+
 /// pip installs a wheel shipped in the repository, with no index and no
 /// network, as the `agent` user (`tests/fixtures/wheels/`: a pure-Python
 /// wheel made by hand).
