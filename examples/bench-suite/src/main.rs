@@ -556,11 +556,28 @@ async fn run(args: &Args) -> Result<Raw> {
         "tunnel: {} MiB each way, {} echo round trips",
         args.file_mib, args.execs
     ));
-    raw.tunnel = measure_tunnel(&mut vm, size, args.execs).await?;
-    note(format!(
-        "host → guest {:.0} ms, guest → host {:.0} ms",
-        raw.tunnel.host_to_guest_ms[0], raw.tunnel.guest_to_host_ms[0]
-    ));
+    // The measurement drives busybox wget and nc in the guest; an image
+    // without them (the Debian agent image) is not measured.
+    let tools = vm
+        .exec(Command::shell(
+            "command -v wget >/dev/null && command -v nc >/dev/null && nc --help 2>&1 | grep -q -- -e",
+        ))
+        .await?;
+    if tools.report.status == agentvm_runtime::protocol::ExitStatus::Code(0) {
+        // Never let a guest that does not connect hang the whole bench.
+        raw.tunnel = tokio::time::timeout(
+            Duration::from_secs(300),
+            measure_tunnel(&mut vm, size, args.execs),
+        )
+        .await
+        .map_err(|_| anyhow::anyhow!("the tunnel measurement did not finish within 300 s"))??;
+        note(format!(
+            "host → guest {:.0} ms, guest → host {:.0} ms",
+            raw.tunnel.host_to_guest_ms[0], raw.tunnel.guest_to_host_ms[0]
+        ));
+    } else {
+        note("this image has no busybox wget/nc: tunnel not measured");
+    }
     if let Some(pid) = backend.pid_of(vm.id()) {
         if let Some(hwm) = status_kib(&pid.to_string(), "VmHWM") {
             raw.vm_memory.push(VmMemory {
