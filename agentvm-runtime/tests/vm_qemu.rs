@@ -16,6 +16,16 @@ fn backend() -> std::sync::Arc<dyn Backend> {
 
 vm_suite_tests!();
 
+/// Boots and destroys one VM of `spec`, leaving its golden snapshot in the cache.
+async fn seed_cache(backend: &QemuBackend, spec: &agentvm_runtime::spec::VmSpec) {
+    Vm::boot(backend, spec.clone())
+        .await
+        .unwrap()
+        .destroy()
+        .await
+        .unwrap();
+}
+
 /// A backend with the golden cache on, in a runtime directory of its own.
 fn cached_backend(dir: &tempfile::TempDir) -> QemuBackend {
     QemuBackend::new(QemuConfig {
@@ -102,12 +112,7 @@ async fn vms_started_from_an_old_cache_entry_have_the_hosts_clock() {
     let dir = tempfile::tempdir().unwrap();
     let backend = cached_backend(&dir);
     let spec = vm_suite::spec();
-    Vm::boot(&backend, spec.clone())
-        .await
-        .unwrap()
-        .destroy()
-        .await
-        .unwrap();
+    seed_cache(&backend, &spec).await;
     // The entry's clock is now this many seconds behind.
     tokio::time::sleep(std::time::Duration::from_secs(3)).await;
     let mut vm = Vm::boot(&backend, spec).await.unwrap();
@@ -121,12 +126,7 @@ async fn vms_started_from_one_cache_entry_have_distinct_randomness() {
     let dir = tempfile::tempdir().unwrap();
     let backend = cached_backend(&dir);
     let spec = vm_suite::spec();
-    Vm::boot(&backend, spec.clone())
-        .await
-        .unwrap()
-        .destroy()
-        .await
-        .unwrap();
+    seed_cache(&backend, &spec).await;
     let mut seen = std::collections::BTreeSet::new();
     for i in 0..10 {
         let mut vm = Vm::boot(&backend, spec.clone()).await.unwrap();

@@ -270,25 +270,34 @@ fn measure_agent_image(
         .stdin(Stdio::null())
         .stdout(Stdio::inherit())
         .stderr(Stdio::piped());
+    let raw = run_bench_program(printer, &mut command, &raw_path, " (agent image)")?;
+    Ok(agent_image::AgentImageReport::build(&raw, rootfs_bytes))
+}
+
+/// Runs the measuring program (`command`, stderr piped), shows its progress
+/// lines and reads the raw samples it wrote to `raw_path`.
+fn run_bench_program(
+    printer: &Printer,
+    command: &mut Command,
+    raw_path: &Path,
+    what: &str,
+) -> Result<Raw> {
+    let program = command.get_program().to_string_lossy().into_owned();
     let mut child = command
         .spawn()
-        .with_context(|| format!("starting {}", programs.bench.display()))?;
+        .with_context(|| format!("starting {program}"))?;
     for line in BufReader::new(child.stderr.take().expect("piped stderr")).lines() {
         printer.emit(Event::from_child_line(&line?));
     }
     let status = child.wait()?;
     if !status.success() {
-        bail!(
-            "{} (agent image) failed ({status}); see its messages above",
-            programs.bench.display()
-        );
+        bail!("{program}{what} failed ({status}); see its messages above");
     }
-    let raw = Raw::parse(
-        &std::fs::read_to_string(&raw_path)
+    Raw::parse(
+        &std::fs::read_to_string(raw_path)
             .with_context(|| format!("reading {}", raw_path.display()))?,
     )
-    .with_context(|| format!("reading {}", raw_path.display()))?;
-    Ok(agent_image::AgentImageReport::build(&raw, rootfs_bytes))
+    .with_context(|| format!("reading {}", raw_path.display()))
 }
 
 struct Programs {
@@ -360,24 +369,7 @@ fn measure(
         .stdin(Stdio::null())
         .stdout(Stdio::inherit())
         .stderr(Stdio::piped());
-    let mut child = command
-        .spawn()
-        .with_context(|| format!("starting {}", programs.bench.display()))?;
-    for line in BufReader::new(child.stderr.take().expect("piped stderr")).lines() {
-        printer.emit(Event::from_child_line(&line?));
-    }
-    let status = child.wait()?;
-    if !status.success() {
-        bail!(
-            "{} failed ({status}); see its messages above",
-            programs.bench.display()
-        );
-    }
-    let raw = Raw::parse(
-        &std::fs::read_to_string(&raw_path)
-            .with_context(|| format!("reading {}", raw_path.display()))?,
-    )
-    .with_context(|| format!("reading {}", raw_path.display()))?;
+    let raw = run_bench_program(printer, &mut command, &raw_path, "")?;
 
     // 5: the suite, four ways; `pooled` reuses the golden cache that
     // `pooled_first_run` filled. Without a golden cache (libvirt) every pooled
