@@ -12,7 +12,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -265,7 +265,8 @@ impl ConnectionLog {
 pub fn denied_message(host: &str, port: u16) -> String {
     format!(
         "agentvm egress proxy: {host}:{port} is not on the allowlist, so the connection was refused.\n\
-         To allow it, add allow = [\"{host}:{port}\"] to the test's attribute or to .config/agentvm.toml.\n"
+         To allow it, add allow = [\"{host}:{port}\"] to the test's attribute, or to \
+         .config/agentvm.toml together with network = \"allowlist\".\n"
     )
 }
 
@@ -274,6 +275,24 @@ struct Inner {
     resolver: Arc<dyn Resolver>,
     log: ConnectionLog,
     connect_timeout: Duration,
+    /// Requests whose record is not in the log yet.
+    in_flight: AtomicUsize,
+}
+
+/// Counts a request as in flight until dropped (after its record is logged).
+struct InFlight(Arc<Inner>);
+
+impl InFlight {
+    fn new(inner: &Arc<Inner>) -> Self {
+        inner.in_flight.fetch_add(1, Ordering::SeqCst);
+        Self(Arc::clone(inner))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// The egress proxy. Cheap to clone; clones share the log.
@@ -320,6 +339,7 @@ impl EgressProxy {
                 resolver,
                 log: ConnectionLog::default(),
                 connect_timeout: Duration::from_secs(10),
+                in_flight: AtomicUsize::new(0),
             }),
         }
     }
@@ -374,7 +394,22 @@ impl EgressProxy {
         })
     }
 
+    /// Waits until every request so far has its record in the log (a
+    /// tunnel whose client went away ends shortly after), at most `limit`;
+    /// whether it did.
+    pub async fn settle(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while self.inner.in_flight.load(Ordering::SeqCst) > 0 {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        true
+    }
+
     async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+        let in_flight = InFlight::new(&self.inner);
         let Some((host, port)) = target(&req) else {
             return text(
                 StatusCode::BAD_REQUEST,
@@ -432,6 +467,7 @@ impl EgressProxy {
                     Err(e) => (0, 0, Some(format!("upgrade failed: {e}"))),
                 };
                 log.push(record(true, up, down, error));
+                drop(in_flight);
             });
             return Response::new(
                 Full::new(Bytes::new())
@@ -440,7 +476,8 @@ impl EgressProxy {
             );
         }
         self.forward(req, upstream, move |up, down, error| {
-            log.push(record(true, up, down, error))
+            log.push(record(true, up, down, error));
+            drop(in_flight);
         })
         .await
     }

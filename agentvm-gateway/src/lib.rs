@@ -66,6 +66,7 @@ pub mod sse;
 pub mod transcript;
 
 pub use api::{Api, InputItem, ToolCall, Usage};
+pub use egress::{Allowlist, ConnectionKind, ConnectionRecord, EgressProxy};
 pub use error::{CassetteError, GatewayError, SetupError};
 pub use gateway::{Gateway, GatewayConfig, DEFAULT_MAX_BODY_BYTES};
 pub use model::{Model, ModelMode};

@@ -226,3 +226,32 @@ async fn plain_http_is_forwarded_in_origin_form() {
     );
     assert!(r.bytes_up > 0 && r.bytes_down >= 17, "{r:?}");
 }
+
+#[tokio::test]
+async fn settle_waits_for_an_open_tunnel_to_be_logged() {
+    let echo = echo_server().await;
+    let resolver = StaticResolver::new().with("allowed.example", 443, echo);
+    let proxy = EgressProxy::with_resolver(
+        Allowlist::parse(["allowed.example"]).unwrap(),
+        Arc::new(resolver),
+    );
+    let addr = start(&proxy).await;
+    assert!(
+        proxy.settle(Duration::from_millis(50)).await,
+        "nothing in flight yet"
+    );
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"CONNECT allowed.example:443 HTTP/1.1\r\n\r\n")
+        .await
+        .unwrap();
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    // The tunnel is open: not settled, and not logged yet.
+    assert!(!proxy.settle(Duration::from_millis(100)).await);
+    assert!(proxy.connections().is_empty());
+    drop(s);
+    assert!(proxy.settle(Duration::from_secs(5)).await);
+    let records = proxy.connections();
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert!(records[0].allowed);
+}

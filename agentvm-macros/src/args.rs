@@ -18,6 +18,7 @@ pub const KNOWN_ARGS: &[&str] = &[
     "profile",
     "image",
     "network",
+    "allow",
     "memory_mib",
     "vcpus",
     "ignore",
@@ -45,8 +46,11 @@ pub struct TestArgs {
     pub profile: Option<String>,
     /// `image = "..."`.
     pub image: Option<String>,
-    /// `network = "..."`: `isolated`, `nat-filtered` or `bridge:NAME`.
+    /// `network = "..."`: `gateway`, `allowlist`, `isolated`,
+    /// `nat-filtered` (or `nat_filtered`) or `bridge:NAME`.
     pub network: Option<String>,
+    /// `allow = ["host:port", ...]`: egress allowlist patterns.
+    pub allow: Option<Vec<String>>,
     /// `memory_mib = N`.
     pub memory_mib: Option<u32>,
     /// `vcpus = N`.
@@ -160,6 +164,44 @@ fn apply(args: &mut TestArgs, meta: &Meta, manifest_dir: &Path) -> syn::Result<(
             let value = lit.value();
             validate_network(&value).map_err(|msg| syn::Error::new(lit.span(), msg))?;
             args.network = Some(value);
+        }
+        "allow" => {
+            let array = match meta {
+                Meta::NameValue(syn::MetaNameValue {
+                    value: Expr::Array(array),
+                    ..
+                }) => array,
+                _ => {
+                    return Err(syn::Error::new_spanned(
+                        meta,
+                        "`allow` takes a list of host[:port] patterns: \
+                         `allow = [\"api.example.com:443\", \"*.example.org\"]`",
+                    ))
+                }
+            };
+            let mut entries = Vec::with_capacity(array.elems.len());
+            let mut errors = Errors::default();
+            for elem in &array.elems {
+                let lit = match expect_str(elem, "allow", "[\"api.example.com:443\"]") {
+                    Ok(lit) => lit,
+                    Err(e) => {
+                        errors.push(e);
+                        continue;
+                    }
+                };
+                match validate_allow_entry(&lit.value()) {
+                    Ok(()) => entries.push(lit.value()),
+                    Err(msg) => errors.push(syn::Error::new(lit.span(), msg)),
+                }
+            }
+            errors.finish()?;
+            if entries.is_empty() {
+                return Err(syn::Error::new_spanned(
+                    array,
+                    "`allow = []` allows nothing: leave it out, or list host[:port] patterns",
+                ));
+            }
+            args.allow = Some(entries);
         }
         "memory_mib" => {
             let value = int_value(meta, &name, "512", MEMORY_MIB, " MiB")?;
@@ -363,10 +405,33 @@ pub fn parse_duration_ms(text: &str) -> Result<u64, String> {
     Ok(total)
 }
 
+/// The shape of one `host[:port]` allowlist pattern (the egress proxy
+/// parses it fully when the test starts).
+fn validate_allow_entry(entry: &str) -> Result<(), String> {
+    let (host, port) = match entry.rsplit_once(':') {
+        Some((host, port)) => (host, Some(port)),
+        None => (entry, None),
+    };
+    let host = host.strip_prefix("*.").unwrap_or(host);
+    if host.is_empty() || !host.chars().all(|c| is_name_char(c) && c != '_') {
+        return Err(format!(
+            "invalid allowlist entry {entry:?}: expected host, host:port or *.domain[:port], \
+             like \"api.example.com:443\""
+        ));
+    }
+    if port.is_some_and(|p| p.parse::<u16>().is_err()) {
+        return Err(format!(
+            "invalid port in allowlist entry {entry:?}: expected a number 0-65535"
+        ));
+    }
+    Ok(())
+}
+
 fn validate_network(value: &str) -> Result<(), String> {
-    const HELP: &str = "expected \"isolated\", \"nat-filtered\" or \"bridge:NAME\"";
+    const HELP: &str =
+        "expected \"gateway\", \"allowlist\", \"isolated\", \"nat-filtered\" or \"bridge:NAME\"";
     match value {
-        "isolated" | "nat-filtered" => Ok(()),
+        "isolated" | "gateway" | "allowlist" | "nat-filtered" | "nat_filtered" => Ok(()),
         _ => match value.strip_prefix("bridge:") {
             Some(bridge)
                 if !bridge.is_empty()
@@ -490,6 +555,7 @@ mod tests {
             profile = "light",
             image = "default-1.2_x",
             network = "bridge:br0",
+            allow = ["api.example.com:443", "*.example.org"],
             memory_mib = 512,
             vcpus = 2,
             ignore = "needs network",
@@ -504,6 +570,7 @@ mod tests {
                 profile: Some("light".into()),
                 image: Some("default-1.2_x".into()),
                 network: Some("bridge:br0".into()),
+                allow: Some(vec!["api.example.com:443".into(), "*.example.org".into()]),
                 memory_mib: Some(512),
                 vcpus: Some(2),
                 ignore: Some(Some("needs network".into())),
@@ -513,6 +580,19 @@ mod tests {
                 ]),
             }
         );
+    }
+
+    #[test]
+    fn allowlists() {
+        assert!(err(quote!(allow = "a.example")).contains("`allow` takes a list"));
+        assert!(err(quote!(allow = [])).contains("allows nothing"));
+        assert!(err(quote!(allow = [1])).contains("`allow` expects a string literal"));
+        assert!(err(quote!(allow = ["a.example:https"])).contains("invalid port"));
+        let messages = errs(quote!(allow = ["user@a.example", "a b", "a/b:80"]));
+        assert_eq!(messages.len(), 3, "{messages:?}");
+        assert!(messages
+            .iter()
+            .all(|m| m.contains("invalid allowlist entry")));
     }
 
     #[test]
@@ -533,7 +613,10 @@ mod tests {
         }
         for n in [
             "isolated",
+            "gateway",
+            "allowlist",
             "nat-filtered",
+            "nat_filtered",
             "bridge:virbr0",
             "bridge:br-lan.1",
         ] {

@@ -233,6 +233,9 @@ pub fn config_expr(args: &TestArgs) -> TokenStream {
     if let Some(fixtures) = &args.fixtures {
         fields.push(quote!(fixtures: &[#(#fixtures),*]));
     }
+    if let Some(allow) = &args.allow {
+        fields.push(quote!(allow: &[#(#allow),*]));
+    }
     quote! {
         ::agentvm_test::__private::TestConfig {
             #(#fields,)*
@@ -351,6 +354,7 @@ mod tests {
                 profile: Some("minimal".into()),
                 image: Some("img".into()),
                 network: Some("nat-filtered".into()),
+                allow: Some(vec!["a.example:443".into()]),
                 memory_mib: Some(512),
                 vcpus: Some(2),
                 ignore: Some(Some("slow".into())),
@@ -367,6 +371,7 @@ mod tests {
             "vcpus:::agentvm_test::__private::Some(2u32)",
             "ignore:::agentvm_test::__private::Some(::agentvm_test::__private::Some(\"slow\"))",
             "fixtures:&[\"/a/b\",\"/c\"]",
+            "allow:&[\"a.example:443\"]",
         ] {
             assert!(config.contains(expected), "missing {expected} in {config}");
         }

@@ -38,7 +38,8 @@ mod expand;
 /// | `timeout = "30s"` | how long the test may run: a number and a unit (`ms`, `s`, `m`, `h`), or several largest first (`"1m30s"`); more than zero |
 /// | `profile = "light"` | the VM resource profile: `"minimal"`, `"light"`, `"standard"` or `"intensive"` |
 /// | `image = "default"` | the guest image: a non-empty name of ASCII letters, digits, `.`, `_`, `-` |
-/// | `network = "isolated"` | `"isolated"` (no NIC), `"nat-filtered"` or `"bridge:NAME"` |
+/// | `network = "gateway"` | `"gateway"` (no NIC; the model gateway, and an egress proxy that refuses and logs everything else), `"allowlist"` (the proxy lets `allow` through), `"isolated"` (no path out at all), `"nat-filtered"` (libvirt) or `"bridge:NAME"` |
+/// | `allow = ["api.example.com:443"]` | `host[:port]` patterns (`*.example.com`: any subdomain) the egress proxy lets through, added to the configured `allow` |
 /// | `memory_mib = 512` | guest memory in MiB, 64 to 65536 |
 /// | `vcpus = 2` | guest CPUs, 1 to 64 |
 /// | `ignore` / `ignore = "reason"` | do not run the test unless ignored tests are requested |

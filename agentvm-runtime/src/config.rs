@@ -35,8 +35,15 @@
 //! # Resource profile: "minimal" (1 vCPU, 256 MiB), "light" (1, 1024),
 //! # "standard" (2, 2048) or "intensive" (4, 4096).
 //! profile = "minimal"
-//! # "isolated" (no NIC), "nat-filtered" or "bridge:NAME".
-//! network = "isolated"
+//! # "gateway" (default: no NIC; the model gateway, and an egress proxy
+//! # that refuses and logs everything else), "allowlist" (the same, but the
+//! # proxy lets `allow` through), "isolated" (no path out at all),
+//! # "nat-filtered" (libvirt NAT behind a port filter) or "bridge:NAME".
+//! network = "gateway"
+//! # host[:port] patterns the egress proxy lets through in `allowlist` mode
+//! # (`*.example.com` is any subdomain); tests add their own with
+//! # `allow = [...]` in their attribute.
+//! allow = ["api.example.com:443"]
 //! # "auto" (KVM when it really works, else TCG), "kvm" or "tcg".
 //! accel = "auto"
 //! # Boot until the guest agent answers (TCG is slow).
@@ -54,7 +61,7 @@
 //! audit_log = "target/agentvm/audit.jsonl"
 //! # Anomaly kinds that fail the test they are found in (default: none):
 //! # "timeout", "output_cap", "memory_limit", "process_count",
-//! # "outside_workspace", "network_attempt", "duration_zscore",
+//! # "outside_workspace", "network_attempt", "egress_denied", "duration_zscore",
 //! # "cpu_zscore", "memory_zscore".
 //! fail_on = ["timeout"]
 //! # Most processes one agent run may have alive at once before it is a
@@ -89,6 +96,7 @@
 //! | `AGENT_VM_ARTIFACTS_DIR` | `artifacts_dir` (relative: to the current directory) |
 //! | `AGENT_VM_PROFILE` | `profile` |
 //! | `AGENT_VM_NETWORK_MODE` | `network` |
+//! | `AGENT_VM_ALLOW` | `allow` (comma-separated) |
 //! | `AGENT_VM_ACCEL` | `accel` |
 //! | `AGENT_VM_BOOT_TIMEOUT` | `boot_timeout` |
 //! | `AGENT_VM_EXEC_TIMEOUT` | `exec_timeout` |
@@ -134,6 +142,7 @@ pub const ENV_VARS: &[&str] = &[
     "AGENT_VM_ARTIFACTS_DIR",
     "AGENT_VM_PROFILE",
     "AGENT_VM_NETWORK_MODE",
+    "AGENT_VM_ALLOW",
     "AGENT_VM_ACCEL",
     "AGENT_VM_BOOT_TIMEOUT",
     "AGENT_VM_EXEC_TIMEOUT",
@@ -167,13 +176,16 @@ pub const ANOMALY_KINDS: &[&str] = &[
     "process_count",
     "outside_workspace",
     "network_attempt",
+    "egress_denied",
     "duration_zscore",
     "cpu_zscore",
     "memory_zscore",
 ];
 
 const PROFILES: &str = "\"minimal\", \"light\", \"standard\", \"intensive\"";
-const NETWORKS: &str = "\"isolated\", \"nat-filtered\", \"bridge:NAME\"";
+const NETWORKS: &str =
+    "\"gateway\", \"allowlist\", \"isolated\", \"nat-filtered\", \"bridge:NAME\"";
+const ALLOW: &str = "host[:port] patterns such as \"api.example.com:443\" or \"*.example.com\"";
 const ACCELS: &str = "\"auto\", \"kvm\", \"tcg\"";
 const BACKENDS: &str = "\"qemu\", \"libvirt\", \"mock\"";
 const DURATIONS: &str =
@@ -255,8 +267,11 @@ pub struct AgentVmConfig {
     pub artifacts_dir: PathBuf,
     /// Resource profile of the VMs.
     pub profile: ResourceProfile,
-    /// Network attachment of the VMs.
+    /// How the guests reach the network (see [`NetworkMode`]).
     pub network: NetworkMode,
+    /// `host[:port]` patterns the egress proxy lets through in `allowlist`
+    /// mode (checked by the test harness, which owns the proxy).
+    pub allow: Vec<String>,
     /// Accelerator choice.
     pub accel: Accel,
     /// Boot deadline (launch until the guest agent's Hello).
@@ -311,6 +326,7 @@ struct RawFile {
     artifacts_dir: Option<String>,
     profile: Option<String>,
     network: Option<String>,
+    allow: Option<Vec<String>>,
     accel: Option<String>,
     boot_timeout: Option<RawDuration>,
     exec_timeout: Option<RawDuration>,
@@ -360,7 +376,8 @@ impl AgentVmConfig {
             image_dir: agentvm_dir.join("images"),
             artifacts_dir: agentvm_dir,
             profile: ResourceProfile::Minimal,
-            network: NetworkMode::Isolated,
+            network: NetworkMode::Gateway,
+            allow: Vec::new(),
             accel: Accel::Auto,
             boot_timeout: Duration::from_secs(120),
             exec_timeout: Duration::from_secs(60),
@@ -456,6 +473,9 @@ impl AgentVmConfig {
         }
         if let Some(v) = raw.network {
             self.network = set.parse("network", &v, parse_network, NETWORKS)?;
+        }
+        if let Some(entries) = raw.allow {
+            self.allow = set.parse("allow", &entries.join(","), parse_allow, ALLOW)?;
         }
         if let Some(v) = raw.accel {
             self.accel = set.parse("accel", &v, parse_accel, ACCELS)?;
@@ -590,6 +610,9 @@ impl AgentVmConfig {
             NETWORKS,
             |v| self.network = v
         );
+        apply!("AGENT_VM_ALLOW", "allow", parse_allow, ALLOW, |v| self
+            .allow =
+            v);
         apply!("AGENT_VM_ACCEL", "accel", parse_accel, ACCELS, |v| self
             .accel =
             v);
@@ -709,13 +732,13 @@ impl AgentVmConfig {
             .unwrap_or_else(|| self.artifacts_dir.join("audit.jsonl"))
     }
 
-    /// A [`VmSpec`] for `image` with this configuration's profile, network,
-    /// accelerator and boot timeout.
+    /// A [`VmSpec`] for `image` with this configuration's profile, network
+    /// attachment ([`NetworkMode::vm_attachment`]), accelerator and boot timeout.
     pub fn vm_spec(&self, image: ImagePaths) -> VmSpec {
         VmSpec {
             image,
             profile: self.profile,
-            network: self.network.clone(),
+            network: self.network.vm_attachment(),
             accel: self.accel,
             boot_timeout: self.boot_timeout,
         }
@@ -821,12 +844,15 @@ pub fn parse_accel(s: &str) -> Option<Accel> {
     }
 }
 
-/// Parses a network mode: `isolated`, `nat-filtered` or `bridge:NAME` (an
+/// Parses a network mode: `gateway`, `allowlist`, `isolated`, `nat-filtered`
+/// (also spelt `nat_filtered`) or `bridge:NAME` (an
 /// interface name of at most 15 characters without `/`, `:` or whitespace).
 pub fn parse_network(s: &str) -> Option<NetworkMode> {
     match s {
         "isolated" => Some(NetworkMode::Isolated),
-        "nat-filtered" => Some(NetworkMode::NatFiltered),
+        "gateway" => Some(NetworkMode::Gateway),
+        "allowlist" => Some(NetworkMode::Allowlist),
+        "nat-filtered" | "nat_filtered" => Some(NetworkMode::NatFiltered),
         _ => {
             let name = s.strip_prefix("bridge:")?;
             let ok = !name.is_empty()
@@ -862,6 +888,26 @@ fn parse_dir(s: &str, base: &Path) -> Option<PathBuf> {
 fn anomaly_kind_list() -> String {
     let kinds: Vec<String> = ANOMALY_KINDS.iter().map(|k| format!("{k:?}")).collect();
     format!("anomaly kinds from {} (comma-separated)", kinds.join(", "))
+}
+
+/// A comma-separated list of `host[:port]` patterns (empty entries ignored).
+/// Only the shape is checked here: no spaces, `/` or `@`, a numeric port;
+/// the harness's egress proxy parses them fully when a test starts.
+fn parse_allow(s: &str) -> Option<Vec<String>> {
+    let mut entries = Vec::new();
+    for entry in s.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let (host, port) = match entry.rsplit_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (entry, None),
+        };
+        let bad_host =
+            host.is_empty() || host.contains(|c: char| c.is_whitespace() || c == '/' || c == '@');
+        if bad_host || port.is_some_and(|p| p.parse::<u16>().is_err()) {
+            return None;
+        }
+        entries.push(entry.to_string());
+    }
+    Some(entries)
 }
 
 /// A comma-separated list of anomaly kinds (empty entries ignored).
@@ -989,7 +1035,8 @@ mod tests {
         assert_eq!(c.boot_timeout, Duration::from_secs(120));
         assert_eq!(c.profile, ResourceProfile::Minimal);
         assert_eq!(c.image, "default");
-        assert_eq!(c.network, NetworkMode::Isolated);
+        assert_eq!(c.network, NetworkMode::Gateway);
+        assert!(c.allow.is_empty());
         assert_eq!(c.accel, Accel::Auto);
         assert_eq!(c.image_dir, PathBuf::from("/ws/target/agentvm/images"));
         assert_eq!(c.artifacts_dir, PathBuf::from("/ws/target/agentvm"));
@@ -1326,10 +1373,11 @@ max_uses = 10
     #[test]
     fn networks() {
         assert_eq!(parse_network("isolated"), Some(NetworkMode::Isolated));
-        assert_eq!(
-            parse_network("nat-filtered"),
-            Some(NetworkMode::NatFiltered)
-        );
+        assert_eq!(parse_network("gateway"), Some(NetworkMode::Gateway));
+        assert_eq!(parse_network("allowlist"), Some(NetworkMode::Allowlist));
+        for spelling in ["nat-filtered", "nat_filtered"] {
+            assert_eq!(parse_network(spelling), Some(NetworkMode::NatFiltered));
+        }
         assert_eq!(
             parse_network("bridge:virbr0"),
             Some(NetworkMode::Bridge("virbr0".into()))
@@ -1343,6 +1391,29 @@ max_uses = 10
             "bridge:a b",
         ] {
             assert_eq!(parse_network(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn allowlist_entries() {
+        let c = load(
+            Some("network = \"allowlist\"\nallow = [\"api.example.com:443\", \"*.example.org\"]\n"),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.network, NetworkMode::Allowlist);
+        assert_eq!(c.allow, ["api.example.com:443", "*.example.org"]);
+        let c = load(None, &[("AGENT_VM_ALLOW", "a.example:80, b.example")]).unwrap();
+        assert_eq!(c.allow, ["a.example:80", "b.example"]);
+        for bad in [
+            "a.example:http",
+            "a example",
+            "user@a.example",
+            "http://a.example",
+            ":443",
+        ] {
+            let e = load(Some(&format!("allow = [{bad:?}]\n")), &[]).unwrap_err();
+            assert!(e.to_string().contains("allow"), "{bad}: {e}");
         }
     }
 

@@ -126,6 +126,9 @@ pub enum Event {
     },
     /// One agent run (from the test harness).
     Execution(Execution),
+    /// One connection an agent asked the egress proxy for, allowed or refused
+    /// (from the test harness, after the run).
+    Connection(Connection),
     /// Something unusual about a test's runs.
     Anomaly {
         /// Full test name.
@@ -152,6 +155,31 @@ pub enum Event {
         /// The (redacted) failure message.
         failure: Option<String>,
     },
+}
+
+/// One connection through (or refused by) the egress proxy.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Connection {
+    /// Full test name (empty outside the harness).
+    pub test: String,
+    /// VM id.
+    pub vm: String,
+    /// Target host as the agent named it.
+    pub host: String,
+    /// Target port.
+    pub port: u16,
+    /// `connect` (a CONNECT tunnel, e.g. HTTPS) or `http` (plain HTTP).
+    pub kind: String,
+    /// Whether the allowlist let it through.
+    pub allowed: bool,
+    /// Bytes from the agent to the host.
+    pub bytes_up: u64,
+    /// Bytes from the host to the agent.
+    pub bytes_down: u64,
+    /// How long it lasted, seconds.
+    pub duration_seconds: f64,
+    /// What went wrong, if anything (refused, resolution or connection failure).
+    pub error: Option<String>,
 }
 
 /// One agent execution.

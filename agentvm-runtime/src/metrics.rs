@@ -56,6 +56,18 @@ struct KindLabels {
     kind: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VerdictLabels {
+    /// `allowed` or `denied`.
+    verdict: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabels {
+    /// `up` (agent to host) or `down`.
+    direction: String,
+}
+
 /// The metrics registry and its families. An [`EventSink`]: subscribe it
 /// with [`events::subscribe`](crate::events::subscribe).
 pub struct Metrics {
@@ -74,6 +86,8 @@ pub struct Metrics {
     execution_duration: Histogram,
     timeouts: Counter,
     anomalies: Family<KindLabels, Counter>,
+    connections: Family<VerdictLabels, Counter>,
+    connection_bytes: Family<DirectionLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -110,6 +124,8 @@ impl Metrics {
             execution_duration: slow(),
             timeouts: Counter::default(),
             anomalies: Family::default(),
+            connections: Family::default(),
+            connection_bytes: Family::default(),
         };
         {
             let mut r = metrics.registry.lock().expect("registry");
@@ -177,6 +193,16 @@ impl Metrics {
                 "agent_execution_timeout",
                 "Agent runs killed at their timeout",
                 metrics.timeouts.clone(),
+            );
+            r.register(
+                "agent_egress_connections",
+                "Connections agents asked the egress proxy for, by verdict (allowed, denied)",
+                metrics.connections.clone(),
+            );
+            r.register(
+                "agent_egress_bytes",
+                "Bytes through the egress proxy, by direction (up: agent to host, down)",
+                metrics.connection_bytes.clone(),
             );
             r.register(
                 "agent_anomaly",
@@ -269,6 +295,27 @@ impl EventSink for Metrics {
                 self.execution_duration.observe(execution.duration_seconds);
                 if execution.timed_out {
                     self.timeouts.inc();
+                }
+            }
+            Event::Connection(connection) => {
+                let verdict = if connection.allowed {
+                    "allowed"
+                } else {
+                    "denied"
+                };
+                self.connections
+                    .get_or_create(&VerdictLabels {
+                        verdict: verdict.to_string(),
+                    })
+                    .inc();
+                for (direction, bytes) in
+                    [("up", connection.bytes_up), ("down", connection.bytes_down)]
+                {
+                    self.connection_bytes
+                        .get_or_create(&DirectionLabels {
+                            direction: direction.to_string(),
+                        })
+                        .inc_by(bytes);
                 }
             }
             Event::Anomaly { kind, .. } => {
@@ -458,6 +505,44 @@ mod tests {
             Some(1.0)
         );
         assert_eq!(value(&text, "agent_execution_timeout_total"), Some(1.0));
+        for (allowed, up) in [(true, 100), (false, 0), (false, 0)] {
+            m.handle(
+                at,
+                &Event::Connection(crate::events::Connection {
+                    test: "t".into(),
+                    vm: "v".into(),
+                    host: "h.example".into(),
+                    port: 443,
+                    kind: "connect".into(),
+                    allowed,
+                    bytes_up: up,
+                    bytes_down: 7,
+                    duration_seconds: 0.1,
+                    error: None,
+                }),
+            );
+        }
+        let text = m.encode();
+        assert_eq!(
+            value(&text, r#"agent_egress_connections_total{verdict="denied"}"#),
+            Some(2.0),
+            "{text}"
+        );
+        assert_eq!(
+            value(
+                &text,
+                r#"agent_egress_connections_total{verdict="allowed"}"#
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(&text, r#"agent_egress_bytes_total{direction="up"}"#),
+            Some(100.0)
+        );
+        assert_eq!(
+            value(&text, r#"agent_egress_bytes_total{direction="down"}"#),
+            Some(21.0)
+        );
         m.handle(
             at,
             &Event::VmDestroyed {

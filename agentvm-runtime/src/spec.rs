@@ -61,17 +61,69 @@ impl ResourceProfile {
     }
 }
 
-/// How the VM reaches the network.
+/// How the guest reaches the network.
+///
+/// `isolated`, `gateway` and `allowlist` give the VM no NIC at all: in
+/// `gateway` and `allowlist` the only paths out are streams tunnelled over
+/// the control channel to the host (the model gateway, and an egress proxy
+/// the test harness offers through `HTTPS_PROXY`), so such VMs are
+/// interchangeable and [`NetworkMode::vm_attachment`] maps all three to
+/// [`NetworkMode::Isolated`].
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum NetworkMode {
-    /// No network interface at all (the default for tests).
-    #[default]
+    /// No path out at all: no NIC, no model gateway, no proxy.
     Isolated,
+    /// No NIC; the model gateway, and an egress proxy that refuses and logs
+    /// every other connection (the default).
+    #[default]
+    Gateway,
+    /// No NIC; the model gateway, and an egress proxy that lets the
+    /// allowlisted `host[:port]` patterns through and logs every connection.
+    Allowlist,
     /// A NIC on the libvirt `agentvm-nat` network behind the `agentvm-egress` filter.
     NatFiltered,
     /// A NIC on a user-named host bridge (advanced).
     Bridge(String),
+}
+
+impl NetworkMode {
+    /// Whether the VM gets a network interface.
+    pub fn has_nic(&self) -> bool {
+        matches!(self, Self::NatFiltered | Self::Bridge(_))
+    }
+
+    /// What the hypervisor must attach: the modes without a NIC all become
+    /// [`NetworkMode::Isolated`], so their tests share VMs.
+    pub fn vm_attachment(&self) -> NetworkMode {
+        if self.has_nic() {
+            self.clone()
+        } else {
+            Self::Isolated
+        }
+    }
+
+    /// Whether the guest may reach the model gateway (every mode but `isolated`).
+    pub fn reaches_model_gateway(&self) -> bool {
+        *self != Self::Isolated
+    }
+
+    /// Whether the harness offers the egress proxy (`gateway`, `allowlist`).
+    pub fn offers_egress_proxy(&self) -> bool {
+        matches!(self, Self::Gateway | Self::Allowlist)
+    }
+}
+
+impl std::fmt::Display for NetworkMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Isolated => f.write_str("isolated"),
+            Self::Gateway => f.write_str("gateway"),
+            Self::Allowlist => f.write_str("allowlist"),
+            Self::NatFiltered => f.write_str("nat-filtered"),
+            Self::Bridge(name) => write!(f, "bridge:{name}"),
+        }
+    }
 }
 
 /// Which accelerator QEMU uses.

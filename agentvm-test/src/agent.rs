@@ -20,6 +20,10 @@ pub const WORKSPACE: &str = "/workspace";
 pub const DEFAULT_AGENT_OUTPUT_LIMIT: u64 = 1024 * 1024;
 /// Guest loopback port of the model gateway (tunnelled to the host).
 pub const MODEL_PORT: u16 = 8787;
+/// Guest loopback port of the egress proxy (tunnelled to the host) in the
+/// `gateway` and `allowlist` network modes; agents find it through
+/// `HTTP_PROXY`/`HTTPS_PROXY`.
+pub const PROXY_PORT: u16 = 3128;
 /// The API key the agent presets give the agent: the gateway ignores it,
 /// and no real key ever enters the guest.
 pub const GATEWAY_API_KEY: &str = "sk-agentvm-gateway-not-a-real-key";
@@ -76,6 +80,7 @@ pub struct Agent {
     pub(crate) timeout: Option<Duration>,
     pub(crate) output_limit: u64,
     pub(crate) model: Option<ModelSlot>,
+    pub(crate) allow: Vec<String>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -98,6 +103,7 @@ impl std::fmt::Debug for Agent {
             .field("timeout", &self.timeout)
             .field("output_limit", &self.output_limit)
             .field("model", &self.model.as_ref().map(|m| &m.0))
+            .field("allow", &self.allow)
             .finish()
     }
 }
@@ -112,6 +118,7 @@ impl Agent {
             timeout: None,
             output_limit: DEFAULT_AGENT_OUTPUT_LIMIT,
             model: None,
+            allow: Vec::new(),
         }
     }
 
@@ -159,6 +166,16 @@ impl Agent {
         ])
         .env("OPENAI_API_KEY", GATEWAY_API_KEY)
         .timeout(REAL_AGENT_TIMEOUT)
+    }
+
+    /// Lets this agent's runs reach `pattern` (`host`, `host:port` or
+    /// `*.domain[:port]`) through the egress proxy, in addition to the
+    /// test's and the configuration's `allow` lists. Only in the `gateway`
+    /// and `allowlist` network modes (the others have no proxy); a bad
+    /// pattern fails the run with [`AgentError::Invalid`](crate::AgentError::Invalid).
+    pub fn allow(mut self, pattern: impl Into<String>) -> Self {
+        self.allow.push(pattern.into());
+        self
     }
 
     /// Answers the agent's model requests with `model` — scripted turns, a

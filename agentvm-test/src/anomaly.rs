@@ -6,8 +6,10 @@
 //!   guest's OOM killer killed a process while the agent ran), `process_count`
 //!   (more processes alive at once than `process_limit`), `outside_workspace`
 //!   (files changed outside `/workspace`), `network_attempt` (packets the
-//!   guest could not route, in a VM with `network = "isolated"`: it has no
-//!   NIC, so those are attempts to reach the network).
+//!   guest could not route, in a VM without a NIC — `isolated`, `gateway`,
+//!   `allowlist` — so attempts to get around the tunnelled paths),
+//!   `egress_denied` (connections the egress proxy refused: hosts not on the
+//!   allowlist).
 //! * Statistics, per test: the test's duration, the CPU time and the peak
 //!   RSS of its agent runs against a rolling [`Baseline`] of its last
 //!   [`BASELINE_RUNS`] runs (`<artifacts_dir>/baseline.json`): a z-score
@@ -64,7 +66,8 @@ pub struct RuleLimits {
     pub memory_limit_bytes: Option<u64>,
     /// Most processes an agent run may have at once (`process_limit`).
     pub process_limit: Option<u64>,
-    /// The VM has no network (`network = "isolated"`).
+    /// The VM has no NIC (`isolated`, `gateway`, `allowlist`): packets
+    /// without a route are attempts to get around the tunnelled paths.
     pub network_isolated: bool,
 }
 
@@ -79,7 +82,7 @@ impl RuleLimits {
         Self {
             memory_limit_bytes: Some(u64::from(profile.memory_mib()) << 20),
             process_limit: Some(process_limit),
-            network_isolated: *network == agentvm_runtime::spec::NetworkMode::Isolated,
+            network_isolated: !network.has_nic(),
         }
     }
 
@@ -179,6 +182,30 @@ pub fn rule_anomalies(run: &AgentRun, index: usize, limits: &RuleLimits) -> Vec<
                 } else {
                     ""
                 }
+            ),
+        ));
+    }
+    let denied: Vec<String> = run
+        .network()
+        .iter()
+        .filter(|c| !c.allowed)
+        .map(|c| format!("{}:{}", c.host, c.port))
+        .collect();
+    if !denied.is_empty() {
+        let mut list = denied
+            .iter()
+            .take(5)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", ");
+        if denied.len() > 5 {
+            list.push_str(", ...");
+        }
+        out.push(Anomaly::new(
+            "egress_denied",
+            format!(
+                "agent run {index} was refused {} connection(s) by the egress allowlist: {list}",
+                denied.len()
             ),
         ));
     }
@@ -487,6 +514,34 @@ mod tests {
             ..limits(None)
         };
         assert_eq!(kinds(&rule_anomalies(&r, 1, &open)), ["outside_workspace"]);
+    }
+
+    #[test]
+    fn refused_connections_are_named() {
+        let record = |host: &str, allowed| agentvm_gateway::ConnectionRecord {
+            host: host.into(),
+            port: 443,
+            kind: agentvm_gateway::ConnectionKind::Connect,
+            allowed,
+            bytes_up: 0,
+            bytes_down: 0,
+            duration: Duration::ZERO,
+            error: (!allowed).then(|| "not on the allowlist".into()),
+        };
+        let quiet = run(false, false, None, 1).with_network(vec![record("ok.example", true)]);
+        assert!(rule_anomalies(&quiet, 1, &limits(None)).is_empty());
+        let refused = run(false, false, None, 1).with_network(vec![
+            record("ok.example", true),
+            record("denied.example", false),
+        ]);
+        let found = rule_anomalies(&refused, 2, &limits(None));
+        assert_eq!(kinds(&found), ["egress_denied"]);
+        assert!(
+            found[0]
+                .message
+                .contains("agent run 2 was refused 1 connection(s) by the egress allowlist: denied.example:443"),
+            "{found:?}"
+        );
     }
 
     #[test]

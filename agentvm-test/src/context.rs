@@ -4,6 +4,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use agentvm_runtime::spec::NetworkMode;
+
 use crate::redact::Secrets;
 use crate::run::AgentRun;
 
@@ -20,6 +22,12 @@ pub(crate) struct TestContext {
     pub runs: Vec<AgentRun>,
     /// Every secret the test's agents used.
     pub secrets: Secrets,
+    /// The test's network mode (its VM may be attached differently: see
+    /// [`NetworkMode::vm_attachment`]).
+    pub network: NetworkMode,
+    /// The test's egress allowlist: the configured `allow` (in `allowlist`
+    /// mode) and the attribute's.
+    pub allow: Vec<String>,
 }
 
 pub(crate) type SharedContext = Arc<Mutex<TestContext>>;
@@ -36,6 +44,8 @@ impl TestContext {
             exec_timeout,
             runs: Vec::new(),
             secrets: Secrets::new(),
+            network: NetworkMode::default(),
+            allow: Vec::new(),
         }))
     }
 }

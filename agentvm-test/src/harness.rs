@@ -249,13 +249,18 @@ fn keep_artifacts() -> bool {
     )
 }
 
-/// The VM a test needs.
+/// The VM a test needs, and the network it gives the test's agents.
 #[derive(Debug, Clone, PartialEq)]
 struct Shape {
     key: String,
     image: String,
     profile: ResourceProfile,
+    /// What the VM is attached to ([`NetworkMode::vm_attachment`]).
     network: NetworkMode,
+    /// The test's network mode.
+    mode: NetworkMode,
+    /// The test's egress allowlist (configured and attribute patterns).
+    allow: Vec<String>,
 }
 
 impl Shape {
@@ -275,28 +280,49 @@ impl Shape {
                 memory_mib: attr.memory_mib.unwrap_or(profile.memory_mib()),
             };
         }
-        let network = match attr.network {
+        let mode = match attr.network {
             Some(text) => parse_network(text)
                 .ok_or_else(|| format!("unknown network {text:?} in the test attribute"))?,
             None => config.network.clone(),
         };
+        let allow = egress_allowlist(&mode, &config.allow, attr.allow)?;
+        let network = mode.vm_attachment();
         let key = format!(
-            "{image}/{}x{}MiB/{}",
+            "{image}/{}x{}MiB/{network}",
             profile.vcpus(),
             profile.memory_mib(),
-            match &network {
-                NetworkMode::Isolated => "isolated".to_string(),
-                NetworkMode::NatFiltered => "nat-filtered".to_string(),
-                NetworkMode::Bridge(name) => format!("bridge:{name}"),
-            }
         );
         Ok(Self {
             key,
             image,
             profile,
             network,
+            mode,
+            allow,
         })
     }
+}
+
+/// The egress allowlist of a test in `mode`: the configured patterns (in
+/// `allowlist` mode) and the attribute's, each checked to parse.
+fn egress_allowlist(
+    mode: &NetworkMode,
+    configured: &[String],
+    attribute: &[&str],
+) -> Result<Vec<String>, String> {
+    let mut allow: Vec<String> = match mode {
+        NetworkMode::Allowlist => configured.to_vec(),
+        _ => Vec::new(),
+    };
+    allow.extend(attribute.iter().map(|s| s.to_string()));
+    if !allow.is_empty() && !mode.offers_egress_proxy() {
+        return Err(format!(
+            "allow = {allow:?} needs network = \"allowlist\" or \"gateway\"; \
+             network = \"{mode}\" has no egress proxy"
+        ));
+    }
+    agentvm_gateway::Allowlist::parse(&allow).map_err(|e| e.to_string())?;
+    Ok(allow)
 }
 
 struct Harness {
@@ -606,7 +632,12 @@ impl Harness {
         };
         let acquire = lease.waited();
         let vm_id = lease.id().to_string();
-        context.lock().unwrap_or_else(|e| e.into_inner()).vm = vm_id.clone();
+        {
+            let mut context = context.lock().unwrap_or_else(|e| e.into_inner());
+            context.vm = vm_id.clone();
+            context.network = shape.mode.clone();
+            context.allow = shape.allow.clone();
+        }
         emit(Event::TestStarted {
             test: name.to_string(),
             vm: vm_id.clone(),
@@ -941,6 +972,46 @@ mod tests {
         )
         .unwrap();
         assert_eq!(light.key, plain.key);
+    }
+
+    #[test]
+    fn network_modes_without_a_nic_share_vms() {
+        let mut config = AgentVmConfig {
+            allow: vec!["suite.example:443".into()],
+            ..AgentVmConfig::default()
+        };
+        let shape = |config: &AgentVmConfig, network, allow: &'static [&'static str]| {
+            Shape::of(
+                config,
+                &case(TestConfig {
+                    network,
+                    allow,
+                    ..TestConfig::DEFAULT
+                }),
+            )
+        };
+        let with = |network, allow| shape(&config, network, allow);
+        let gateway = with(None, &[]).unwrap();
+        assert_eq!(gateway.mode, NetworkMode::Gateway);
+        assert!(
+            gateway.allow.is_empty(),
+            "the suite's list is for allowlist mode"
+        );
+        let isolated = with(Some("isolated"), &[]).unwrap();
+        let allowlist = with(Some("allowlist"), &["test.example"]).unwrap();
+        assert_eq!(allowlist.mode, NetworkMode::Allowlist);
+        assert_eq!(allowlist.allow, ["suite.example:443", "test.example"]);
+        for shape in [&gateway, &isolated, &allowlist] {
+            assert_eq!(shape.network, NetworkMode::Isolated);
+            assert_eq!(shape.key, "default/1x256MiB/isolated");
+        }
+        let per_test = with(None, &["test.example:80"]).unwrap();
+        assert_eq!(per_test.allow, ["test.example:80"]);
+        let e = with(Some("isolated"), &["test.example"]).unwrap_err();
+        assert!(e.contains("needs network = \"allowlist\""), "{e}");
+        config.allow = vec!["*bad*.example".into()];
+        let e = shape(&config, Some("allowlist"), &[]).unwrap_err();
+        assert!(e.contains("bad allowlist entry"), "{e}");
     }
 
     #[test]

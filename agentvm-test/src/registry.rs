@@ -101,8 +101,12 @@ pub struct TestConfig {
     pub profile: Option<&'static str>,
     /// `image = "..."`: the name of the guest image to boot.
     pub image: Option<&'static str>,
-    /// `network = "..."`: `isolated`, `nat-filtered` or `bridge:NAME`.
+    /// `network = "..."`: `gateway`, `allowlist`, `isolated`,
+    /// `nat-filtered` or `bridge:NAME`.
     pub network: Option<&'static str>,
+    /// `allow = ["host:port", ...]`: patterns the egress proxy lets
+    /// through, added to the configured `allow` list.
+    pub allow: &'static [&'static str],
     /// `memory_mib = N`: guest memory in MiB (64..=65536).
     pub memory_mib: Option<u32>,
     /// `vcpus = N`: number of guest CPUs (1..=64).
@@ -122,6 +126,7 @@ impl TestConfig {
         profile: None,
         image: None,
         network: None,
+        allow: &[],
         memory_mib: None,
         vcpus: None,
         ignore: None,

@@ -40,6 +40,15 @@ pub const MAX_DIFF_TEXT: usize = 64 * 1024;
 /// outside_workspace:  # only when something outside /workspace changed
 ///   - /etc
 ///   - /etc/agentvm-was-here
+/// network:            # only when the agent used the egress proxy
+///   - host: api.example.com
+///     port: 443
+///     kind: connect   # connect (a CONNECT tunnel) | http (plain HTTP)
+///     allowed: false
+///     bytes_up: 0
+///     bytes_down: 0
+///     duration: 0
+///     error: not on the allowlist
 /// duration: 0.012s
 /// resources:
 ///   peak_rss_bytes: 2097152
@@ -72,6 +81,9 @@ pub struct AgentRun {
     /// The model gateway's record of the run (agents with a model only).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     transcript: Vec<agentvm_gateway::Exchange>,
+    /// Every connection the agent asked the egress proxy for.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    network: Vec<agentvm_gateway::ConnectionRecord>,
     #[serde(skip)]
     stdout_bytes: u64,
     #[serde(skip)]
@@ -356,6 +368,7 @@ impl AgentRun {
             duration: report.duration,
             resources: report.resources.into(),
             transcript: Vec::new(),
+            network: Vec::new(),
             stdout_bytes: report.stdout_bytes.max(output.stdout.len() as u64),
             stderr_bytes: report.stderr_bytes.max(output.stderr.len() as u64),
         }
@@ -373,6 +386,20 @@ impl AgentRun {
     /// Serialized into snapshots when not empty.
     pub fn transcript(&self) -> &[agentvm_gateway::Exchange] {
         &self.transcript
+    }
+
+    /// The same run with the egress proxy's connection log.
+    pub fn with_network(mut self, network: Vec<agentvm_gateway::ConnectionRecord>) -> Self {
+        self.network = network;
+        self
+    }
+
+    /// Every connection the agent asked the egress proxy for (network
+    /// modes `gateway` and `allowlist`), allowed or refused, in the order
+    /// they ended: host, port, bytes each way, duration, error. Serialized
+    /// into snapshots when not empty, bytes and duration redacted.
+    pub fn network(&self) -> &[agentvm_gateway::ConnectionRecord] {
+        &self.network
     }
 
     /// Absolute paths outside `/workspace` (and the agent's staging

@@ -13,14 +13,18 @@
 /// Redactions and filters for agent run snapshots, applied on top of the
 /// settings currently bound:
 ///
-/// * `.duration` → `"[duration]"`, `.resources` → `"[resources]"` and
-///   `.transcript[].usage` → `"[usage]"` (they vary from run to run);
+/// * `.duration` → `"[duration]"`, `.resources` → `"[resources]"`,
+///   `.transcript[].usage` → `"[usage]"` and the byte counts and durations
+///   of `.network[]` (they vary from run to run);
 /// * host temporary directories made by the `tempfile` crate
 ///   (`/tmp/.tmpXXXXXX`) → `[tempdir]`, and `mktemp` names
 ///   (`/tmp/tmp.XXXXXX`) → `[mktemp]`.
 pub fn settings() -> insta::Settings {
     let mut settings = insta::Settings::clone_current();
     settings.add_redaction(".duration", "[duration]");
+    settings.add_redaction(".network[].duration", "[duration]");
+    settings.add_redaction(".network[].bytes_up", "[bytes]");
+    settings.add_redaction(".network[].bytes_down", "[bytes]");
     settings.add_redaction(".resources", "[resources]");
     // Scripted token counts are estimates from request sizes, which carry
     // dates and paths; recorded ones vary with the model.

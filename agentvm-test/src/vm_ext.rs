@@ -2,10 +2,12 @@
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use agentvm_runtime::client::ExecOutput;
 use agentvm_runtime::command::Command;
 use agentvm_runtime::protocol::{ExitReport, ExitStatus, ListChangesRequest};
+use agentvm_runtime::spec::NetworkMode;
 use agentvm_runtime::vm::{Vm, VmError};
 
 use crate::agent::{
@@ -296,22 +298,51 @@ async fn run_agent(vm: &mut Vm, agent: &Agent, task: &Task) -> Result<AgentRun, 
     for (k, v) in agent.env.iter().chain(&agent.secrets) {
         command = command.env(k.clone(), v.clone());
     }
+    let (network, allow) = match &context {
+        Some(c) => {
+            let c = c.lock().unwrap_or_else(|e| e.into_inner());
+            (c.network.clone(), c.allow.clone())
+        }
+        None => (vm.spec().network.clone(), Vec::new()),
+    };
+    let allowlist = egress_allowlist(&network, allow, &agent.allow)?;
+    if agent.model.is_some() && !network.reaches_model_gateway() {
+        return Err(AgentError::Invalid {
+            what: "network",
+            message: "the agent has a model, but network = \"isolated\" gives the guest no \
+                      path to the model gateway: use network = \"gateway\" (the default)"
+                .into(),
+        });
+    }
     let model = match &agent.model {
         Some(slot) => Some(ModelSession::start(vm, &slot.0).await?),
         None => None,
     };
-    let output = vm
-        .exec(command)
-        .await
-        .map_err(AgentError::vm("running the agent"))?;
+    let egress = match allowlist {
+        Some(allowlist) => {
+            let session = EgressSession::start(vm, allowlist).await?;
+            command = EgressSession::proxy_env(command);
+            Some(session)
+        }
+        None => None,
+    };
+    let output = vm.exec(command).await;
+    let connections = match egress {
+        Some(session) => session.finish(vm).await,
+        None => Vec::new(),
+    };
     let (transcript, model_errors) = match model {
         Some(session) => session.finish(vm).await,
         None => (Vec::new(), Vec::new()),
     };
+    let output = output.map_err(AgentError::vm("running the agent"))?;
     let test = context
         .as_ref()
         .map(|c| c.lock().unwrap_or_else(|e| e.into_inner()).test.clone())
         .unwrap_or_default();
+    for connection in &connections {
+        emit_connection(&test, vm.id(), connection);
+    }
     // 4. Changes, in the workspace and outside it.
     let changes = vm
         .changes(ListChangesRequest {
@@ -322,7 +353,9 @@ async fn run_agent(vm: &mut Vm, agent: &Agent, task: &Task) -> Result<AgentRun, 
         .map_err(AgentError::vm("listing the workspace changes"));
     let outside = changes.as_ref().ok().map(|c| c.outside_workspace.len());
     emit_execution(test, vm.id(), argv, &output.report, outside);
-    let run = AgentRun::from_changes(output, changes?, &secrets).with_transcript(transcript);
+    let run = AgentRun::from_changes(output, changes?, &secrets)
+        .with_transcript(transcript)
+        .with_network(connections);
     if !model_errors.is_empty() {
         return Err(AgentError::Model {
             errors: model_errors,
@@ -375,6 +408,108 @@ impl ModelSession {
         let _ = vm.client().tunnel_unlisten(crate::agent::MODEL_PORT).await;
         (self.gateway.transcript(), self.gateway.take_errors())
     }
+}
+
+/// The egress proxy's allowlist for a run in `network` mode (`None`: the mode
+/// has no proxy): the test's patterns and the agent's own.
+fn egress_allowlist(
+    network: &NetworkMode,
+    mut allow: Vec<String>,
+    agent_allow: &[String],
+) -> Result<Option<agentvm_gateway::Allowlist>, AgentError> {
+    if !network.offers_egress_proxy() {
+        if !agent_allow.is_empty() {
+            return Err(AgentError::Invalid {
+                what: "network",
+                message: format!(
+                    "Agent::allow({agent_allow:?}) needs network = \"gateway\" or \"allowlist\"; \
+                     network = \"{network}\" has no egress proxy"
+                ),
+            });
+        }
+        return Ok(None);
+    }
+    allow.extend(agent_allow.iter().cloned());
+    agentvm_gateway::Allowlist::parse(&allow)
+        .map(Some)
+        .map_err(|e| AgentError::Invalid {
+            what: "allowlist",
+            message: e.to_string(),
+        })
+}
+
+/// The egress proxy serving one agent run over the tunnelled proxy port.
+struct EgressSession {
+    proxy: agentvm_gateway::EgressProxy,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl EgressSession {
+    /// How long a run's last connections may take to be logged after it
+    /// ended (its sockets close as its processes exit).
+    const SETTLE: Duration = Duration::from_secs(2);
+
+    async fn start(vm: &mut Vm, allowlist: agentvm_gateway::Allowlist) -> Result<Self, AgentError> {
+        let proxy = agentvm_gateway::EgressProxy::new(allowlist);
+        let mut listener = vm
+            .tunnel_listen(crate::agent::PROXY_PORT)
+            .await
+            .map_err(AgentError::vm("opening the egress proxy port in the guest"))?;
+        let serving = proxy.clone();
+        let server = tokio::spawn(async move {
+            while let Ok(stream) = listener.accept().await {
+                let proxy = serving.clone();
+                tokio::spawn(async move { proxy.serve_connection(stream).await });
+            }
+        });
+        Ok(Self { proxy, server })
+    }
+
+    /// `command` with the proxy in the variables that curl, git, pip, Python,
+    /// Node's fetch (with `NODE_USE_ENV_PROXY`) and Rust's reqwest read; the
+    /// model gateway on loopback is not proxied.
+    fn proxy_env(command: Command) -> Command {
+        let url = format!("http://127.0.0.1:{}", crate::agent::PROXY_PORT);
+        let mut command = command;
+        for key in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"] {
+            command = command.env(key, url.clone());
+        }
+        for key in ["NO_PROXY", "no_proxy"] {
+            command = command.env(key, "127.0.0.1,localhost,::1");
+        }
+        command.env("NODE_USE_ENV_PROXY", "1")
+    }
+
+    /// Stops serving; every connection of the run.
+    async fn finish(self, vm: &mut Vm) -> Vec<agentvm_gateway::ConnectionRecord> {
+        let _ = vm.client().tunnel_unlisten(crate::agent::PROXY_PORT).await;
+        self.proxy.settle(Self::SETTLE).await;
+        self.server.abort();
+        self.proxy.connections()
+    }
+}
+
+/// Emits the [`Event::Connection`](agentvm_runtime::events::Event::Connection)
+/// of one proxied connection.
+fn emit_connection(test: &str, vm: &str, record: &agentvm_gateway::ConnectionRecord) {
+    agentvm_runtime::events::emit(agentvm_runtime::events::Event::Connection(
+        agentvm_runtime::events::Connection {
+            test: test.to_string(),
+            vm: vm.to_string(),
+            host: record.host.clone(),
+            port: record.port,
+            kind: match record.kind {
+                agentvm_gateway::ConnectionKind::Connect => "connect",
+                agentvm_gateway::ConnectionKind::Http => "http",
+            }
+            .to_string(),
+            allowed: record.allowed,
+            bytes_up: record.bytes_up,
+            bytes_down: record.bytes_down,
+            duration_seconds: record.duration.as_secs_f64(),
+            error: record.error.clone(),
+        },
+    ));
 }
 
 /// Emits the [`Event::Execution`](agentvm_runtime::events::Event::Execution) of a run.

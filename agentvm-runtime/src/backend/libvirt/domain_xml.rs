@@ -117,10 +117,11 @@ fn path_str(p: &Path) -> Result<String, DomainXmlError> {
         .ok_or_else(|| DomainXmlError::NonUtf8Path(p.display().to_string()))
 }
 
-/// The `<interface>` element for a network mode (`None` for `isolated`).
+/// The `<interface>` element for a network mode (`None` for the modes
+/// without a NIC: `isolated`, `gateway`, `allowlist`).
 pub fn interface_xml(network: &NetworkMode) -> Result<Option<String>, DomainXmlError> {
     Ok(match network {
-        NetworkMode::Isolated => None,
+        NetworkMode::Isolated | NetworkMode::Gateway | NetworkMode::Allowlist => None,
         NetworkMode::NatFiltered => Some(format!(
             "    <interface type='network'>\n      <source network='{NAT_NETWORK}'/>\n      <model type='virtio'/>\n      <filterref filter='{EGRESS_FILTER}'/>\n    </interface>\n"
         )),
@@ -486,7 +487,13 @@ mod tests {
             interface_xml(&NetworkMode::Bridge("br0'/><x".into())),
             Err(DomainXmlError::InvalidBridge("br0'/><x".into()))
         );
-        assert_eq!(interface_xml(&NetworkMode::Isolated), Ok(None));
+        for mode in [
+            NetworkMode::Isolated,
+            NetworkMode::Gateway,
+            NetworkMode::Allowlist,
+        ] {
+            assert_eq!(interface_xml(&mode), Ok(None), "{mode}");
+        }
     }
 
     #[test]

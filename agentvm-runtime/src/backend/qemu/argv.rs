@@ -53,7 +53,7 @@ pub enum ArgvError {
         len: usize,
     },
     /// The network mode needs a backend that can create networks (libvirt).
-    #[error("network mode {0:?} is not supported by the QEMU backend (use the libvirt backend, or `isolated`)")]
+    #[error("network mode {0} needs a NIC, which the QEMU backend does not attach (use the libvirt backend, or `gateway`, `allowlist` or `isolated`)")]
     UnsupportedNetwork(NetworkMode),
     /// A resource value QEMU cannot use.
     #[error("invalid resources: {0}")]
@@ -105,7 +105,7 @@ pub struct LaunchArgs<'a> {
 
 /// The full argument list (without the program name).
 pub fn build_argv(a: &LaunchArgs<'_>) -> Result<Vec<String>, ArgvError> {
-    if a.spec.network != NetworkMode::Isolated {
+    if a.spec.network.has_nic() {
         return Err(ArgvError::UnsupportedNetwork(a.spec.network.clone()));
     }
     let mut argv = vec!["-name".to_owned(), a.vm_id.to_owned()];
@@ -586,21 +586,42 @@ mod tests {
     }
 
     #[test]
-    fn networks_other_than_isolated_are_rejected() {
-        let mut spec = spec();
-        spec.network = NetworkMode::NatFiltered;
+    fn only_modes_without_a_nic_are_accepted() {
         let paths = VmPaths::new("/r/vms/1-0");
-        let err = build_argv(&LaunchArgs {
-            vm_id: "1-0",
-            spec: &spec,
-            accel: ResolvedAccel::Tcg,
-            paths: &paths,
-            channel: ChannelConfig::VirtioSerial,
-            host_tsc_khz: None,
-            start_paused: false,
-        })
-        .unwrap_err();
+        let argv_for = |network: NetworkMode| {
+            let mut spec = spec();
+            spec.network = network;
+            build_argv(&LaunchArgs {
+                vm_id: "1-0",
+                spec: &spec,
+                accel: ResolvedAccel::Tcg,
+                paths: &paths,
+                channel: ChannelConfig::VirtioSerial,
+                host_tsc_khz: None,
+                start_paused: false,
+            })
+        };
+        for mode in [
+            NetworkMode::Isolated,
+            NetworkMode::Gateway,
+            NetworkMode::Allowlist,
+        ] {
+            let argv = argv_for(mode.clone()).unwrap();
+            // `-nodefaults` and no `-netdev`/`-nic`: the guest has no NIC.
+            assert!(argv.contains(&"-nodefaults".to_owned()), "{mode}: {argv:?}");
+            assert!(
+                !argv
+                    .iter()
+                    .any(|a| a == "-netdev" || a == "-nic" || a.contains("net-pci")),
+                "{mode}: {argv:?}"
+            );
+        }
+        let err = argv_for(NetworkMode::NatFiltered).unwrap_err();
         assert_eq!(err, ArgvError::UnsupportedNetwork(NetworkMode::NatFiltered));
+        assert!(
+            err.to_string().contains("nat-filtered needs a NIC"),
+            "{err}"
+        );
     }
 
     #[test]
