@@ -1,60 +1,23 @@
-//! Small helpers shared by the xtask commands: progress output, hashing,
-//! running external tools with actionable errors, atomic file writes.
+//! Small host helpers of the builder: hashing, running external tools with
+//! actionable errors, atomic file writes. The few that `cargo xtask` uses
+//! too (finding tools, quoting command lines, dates) are public.
 
 use std::ffi::OsStr;
 use std::fs;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 
-/// The workspace root (the parent of the xtask crate).
-pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask lives inside the workspace")
-        .to_path_buf()
-}
-
-/// Prints one progress line per step and how long the previous one took.
-pub struct Progress {
-    started: Instant,
-}
-
-impl Progress {
-    pub fn new() -> Self {
-        Self {
-            started: Instant::now(),
-        }
-    }
-
-    /// Starts a step: prints `==> what` on stderr.
-    pub fn step(&self, what: impl AsRef<str>) {
-        eprintln!(
-            "==> [{:6.2}s] {}",
-            self.started.elapsed().as_secs_f64(),
-            what.as_ref()
-        );
-    }
-
-    /// A detail line belonging to the current step.
-    pub fn note(&self, what: impl AsRef<str>) {
-        eprintln!("             {}", what.as_ref());
-    }
-
-    pub fn elapsed_secs(&self) -> f64 {
-        self.started.elapsed().as_secs_f64()
-    }
-}
-
-pub fn sha256_hex(data: &[u8]) -> String {
+/// SHA-256 of `data`, lowercase hex.
+pub(crate) fn sha256_hex(data: &[u8]) -> String {
     hex::encode(Sha256::digest(data))
 }
 
-pub fn sha256_file(path: &Path) -> Result<String> {
+/// SHA-256 of the file at `path`, lowercase hex.
+pub(crate) fn sha256_file(path: &Path) -> Result<String> {
     let mut f = fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 16];
@@ -79,7 +42,7 @@ pub fn find_in_path(tool: &str) -> Option<PathBuf> {
 }
 
 /// Fails with `hint` if `tool` is not on `PATH`.
-pub fn require_tool(tool: &str, hint: &str) -> Result<PathBuf> {
+pub(crate) fn require_tool(tool: &str, hint: &str) -> Result<PathBuf> {
     find_in_path(tool).ok_or_else(|| anyhow::anyhow!("`{tool}` not found on PATH: {hint}"))
 }
 
@@ -97,7 +60,7 @@ pub fn is_root() -> bool {
 
 /// Runs a command capturing its output; on failure the error shows the
 /// command line, exit status and captured stderr/stdout.
-pub fn run_captured(cmd: &mut Command) -> Result<Output> {
+pub(crate) fn run_captured(cmd: &mut Command) -> Result<Output> {
     let shown = show_command(cmd);
     let out = cmd
         .output()
@@ -113,6 +76,7 @@ pub fn run_captured(cmd: &mut Command) -> Result<Output> {
     Ok(out)
 }
 
+/// `cmd` as a shell would show it (arguments quoted where needed).
 pub fn show_command(cmd: &Command) -> String {
     let mut s = cmd.get_program().to_string_lossy().into_owned();
     for a in cmd.get_args() {
@@ -136,7 +100,7 @@ fn quote(a: &OsStr) -> String {
 
 /// Writes `data` to `path` via a temporary file in the same directory and a
 /// rename, so readers never see a half-written file.
-pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     let tmp = tmp_sibling(path);
     let res = (|| -> io::Result<()> {
         let mut f = fs::File::create(&tmp)?;
@@ -151,7 +115,7 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
 }
 
 /// A temporary path next to `path` (same file system, so rename is atomic).
-pub fn tmp_sibling(path: &Path) -> PathBuf {
+pub(crate) fn tmp_sibling(path: &Path) -> PathBuf {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())

@@ -128,13 +128,14 @@ pub fn test(args: &TestArgs) -> Result<()> {
         cargo().args([
             "test",
             "-p",
-            "xtask",
+            "agentvm-image",
+            "--lib",
             "--",
             "--ignored",
             "--exact",
             "network::tests::setup_against_a_real_daemon",
         ]),
-        "cargo test -p xtask -- --ignored",
+        "cargo test -p agentvm-image -- --ignored",
     )?;
     progress.step("example agent suite on the libvirt backend (AGENT_VM_BACKEND=libvirt)");
     run(
@@ -188,11 +189,7 @@ fn start_libvirt(progress: &Progress) -> Result<()> {
         );
     }
     progress.step("libvirt network agentvm-nat and nwfilter agentvm-egress");
-    crate::network::run(&crate::network::SetupNetworkArgs {
-        dry_run: false,
-        teardown: false,
-        uri: None,
-    })
+    crate::network::run(&crate::network::SetupNetworkArgs::default())
 }
 
 /// `cargo xtask demo [-- ARGS]`: set-up, then the example agent suite in real VMs.
