@@ -95,8 +95,11 @@ pub struct BuildImageArgs {
     /// Debian archive URL [default: the host's apt source for bookworm].
     #[cfg_attr(feature = "clap", arg(long, value_name = "URL"))]
     pub mirror: Option<String>,
-    /// Output directory: the image goes to <out>/<name>/ [default:
-    /// <source>/target/agentvm/images].
+    /// Output directory: the image goes to <out>/<name>/ [default: for
+    /// `agentvm`, the image_dir of the current workspace (what its tests
+    /// look in: .config/agentvm.toml, AGENT_VM_IMAGE_DIR, else
+    /// <workspace>/target/agentvm/images); for the library and `cargo
+    /// xtask`, <source>/target/agentvm/images].
     #[cfg_attr(feature = "clap", arg(long, value_name = "DIR"))]
     pub out: Option<PathBuf>,
     /// Rebuild even if the image is up to date.
