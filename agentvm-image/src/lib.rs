@@ -25,6 +25,8 @@
 //! With the `clap` feature the option structs derive `clap::Args`, so every
 //! front end offers the same flags.
 
+#![warn(missing_docs)]
+
 pub mod build;
 mod busybox;
 mod cpio;
