@@ -183,7 +183,7 @@ fn image_check(config: &AgentVmConfig) -> Check {
         Err(e) => Check::fail(
             "image",
             e.to_string(),
-            agentvm_runtime::image::build_hint(&config.image, &config.image_dir, ""),
+            agentvm_runtime::image::build_command(&config.image, &config.image_dir),
         ),
     }
 }
