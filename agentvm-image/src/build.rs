@@ -5,7 +5,7 @@
 //!
 //! Output, in `<out>/<name>/`: `vmlinuz`, `initramfs.cpio.gz`, `manifest.json`,
 //! and for the `agent` image (or `--rootfs`, `--with`) `rootfs.erofs`: a
-//! Debian root file system ([`rootfs`]) with agent recipes ([`recipe`]),
+//! Debian root file system with agent recipes (`images/recipes/`),
 //! which the initramfs init mounts under a tmpfs overlay and switch_roots to.
 //! The manifest is written last and removed first on a rebuild, so a
 //! directory with a manifest always holds a complete image.
@@ -68,6 +68,8 @@ pub const ROOTFS_SERIAL: &str = "agentvm-rootfs";
 /// `target/agentvm/` ([`crate::source`]).
 #[derive(Debug, Clone)]
 #[cfg_attr(feature = "clap", derive(clap::Args))]
+// The field docs are the commands' --help text, written for a terminal.
+#[allow(rustdoc::invalid_html_tags, rustdoc::broken_intra_doc_links)]
 pub struct BuildImageArgs {
     /// Image name, given as an argument instead of --name.
     #[cfg_attr(feature = "clap", arg(value_name = "NAME", conflicts_with = "name"))]
