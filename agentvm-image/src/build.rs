@@ -628,6 +628,54 @@ fn mib(n: u64) -> f64 {
 mod tests {
     use super::*;
 
+    /// The errors a caller acts on come before any work: nothing is
+    /// reported, built or written.
+    #[test]
+    fn caller_errors_come_first() {
+        let events = std::cell::RefCell::new(Vec::new());
+        let sink = |e: Event| events.borrow_mut().push(e);
+        let tmp = tempfile::tempdir().unwrap();
+        let with_out = |mut args: BuildImageArgs| {
+            args.out = Some(tmp.path().join("images"));
+            args
+        };
+
+        let mut args = with_out(BuildImageArgs::defaults());
+        args.image = Some("a/b".into());
+        let e = run(args, &sink).unwrap_err();
+        assert!(
+            matches!(&e, Error::InvalidName { name } if name == "a/b"),
+            "{e:?}"
+        );
+
+        let mut args = with_out(BuildImageArgs::defaults());
+        args.with = vec!["codex".into()];
+        let e = run(args, &sink).unwrap_err();
+        assert!(matches!(&e, Error::RootfsForDefault { .. }), "{e:?}");
+        assert!(e.to_string().contains("--name agent --with codex"), "{e}");
+
+        // A source tree without the init script, then without the guest crate.
+        let source = tmp.path().join("not-agentvm");
+        std::fs::create_dir_all(&source).unwrap();
+        let mut args = with_out(BuildImageArgs::defaults());
+        args.source = Some(source.clone());
+        let e = run(args.clone(), &sink).unwrap_err();
+        assert!(
+            matches!(&e, Error::SourceNotFound { path, .. } if path == &source.join("images/init")),
+            "{e:?}"
+        );
+        let init = tmp.path().join("init");
+        std::fs::write(&init, "#!/bin/sh\n").unwrap();
+        args.init = Some(init);
+        let e = run(args, &sink).unwrap_err();
+        assert!(
+            matches!(&e, Error::SourceNotFound { path, instead } if path == &source.join("agentvm-guest") && instead.contains("--guest-bin")),
+            "{e:?}"
+        );
+        assert_eq!(events.into_inner(), []);
+        assert!(!tmp.path().join("images").exists());
+    }
+
     #[test]
     fn image_names() {
         for ok in ["default", "rich-1.2", "a_b"] {
