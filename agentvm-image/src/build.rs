@@ -73,7 +73,7 @@ pub const ROOTFS_SERIAL: &str = "agentvm-rootfs";
 pub struct BuildImageArgs {
     /// Image name, given as an argument instead of --name.
     #[cfg_attr(feature = "clap", arg(value_name = "NAME", conflicts_with = "name"))]
-    pub image: Option<String>,
+    pub name_arg: Option<String>,
     /// Image name: the output goes to <out>/<name>/. `agent` gets a Debian
     /// root file system (see --rootfs).
     #[cfg_attr(
@@ -141,7 +141,7 @@ impl BuildImageArgs {
     /// variables that the flags read included).
     pub fn defaults() -> Self {
         Self {
-            image: None,
+            name_arg: None,
             name: DEFAULT_IMAGE.into(),
             rootfs: false,
             with: Vec::new(),
@@ -169,7 +169,7 @@ impl BuildImageArgs {
 
     /// The image's name: the positional argument, else `--name`.
     pub fn image_name(&self) -> &str {
-        self.image.as_deref().unwrap_or(&self.name)
+        self.name_arg.as_deref().unwrap_or(&self.name)
     }
 
     /// Whether this image gets a root file system disk.
@@ -193,7 +193,7 @@ pub struct Outcome {
 /// progress to `report`. The result lines (`image default built in 12.3s:
 /// ...`) are [`Event::Output`] events.
 pub fn run(mut args: BuildImageArgs, report: &dyn Fn(Event)) -> Result<Outcome, Error> {
-    if let Some(name) = args.image.take() {
+    if let Some(name) = args.name_arg.take() {
         args.name = name;
     }
     check_name(&args.name)?;
@@ -641,7 +641,7 @@ mod tests {
         };
 
         let mut args = with_out(BuildImageArgs::defaults());
-        args.image = Some("a/b".into());
+        args.name_arg = Some("a/b".into());
         let e = run(args, &sink).unwrap_err();
         assert!(
             matches!(&e, Error::InvalidName { name } if name == "a/b"),
