@@ -1,12 +1,15 @@
 //! `agentvm`: run a command in a throwaway VM (`exec`), open a shell in one
-//! (`shell`), or check that this host can run VMs (`doctor`).
+//! (`shell`), check that this host can run VMs (`doctor`), build a guest
+//! image (`image build`), set up the libvirt network (`setup-network`).
 #![forbid(unsafe_code)]
 
 mod doctor;
+mod image;
 mod session;
 
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
@@ -23,7 +26,7 @@ struct Cli {
 /// Options shared by the commands that boot a VM.
 #[derive(Debug, Clone, clap::Args)]
 pub struct VmArgs {
-    /// Guest image name (built by `cargo xtask build-image [--name N]`).
+    /// Guest image name (built by `agentvm image build [NAME]`).
     #[arg(long)]
     pub image: Option<String>,
     /// Resource profile: minimal, light, standard, intensive.
@@ -62,36 +65,59 @@ enum Command {
         #[arg(long)]
         boot: bool,
     },
+    /// Guest images.
+    Image {
+        #[command(subcommand)]
+        command: ImageCommand,
+    },
+    /// Define and start the libvirt network `agentvm-nat` and nwfilter
+    /// `agentvm-egress` used by `network = "nat-filtered"` (idempotent).
+    SetupNetwork(agentvm_image::SetupNetworkArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum ImageCommand {
+    /// Build a guest image (kernel + initramfs, and a Debian root file
+    /// system for `agent`) into <out>/<name>/; does nothing if it is up to
+    /// date.
+    Build(Box<agentvm_image::BuildImageArgs>),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let verbose = match &cli.command {
         Command::Exec { vm, .. } | Command::Shell { vm } => vm.verbose,
-        Command::Doctor { .. } => false,
+        Command::Doctor { .. } | Command::Image { .. } | Command::SetupNetwork(_) => false,
     };
     init_logging(verbose);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    let result = match cli.command {
+        Command::Exec {
+            vm,
+            timeout,
+            command,
+        } => block_on(session::exec(&vm, timeout.as_deref(), command)),
+        Command::Shell { vm } => block_on(session::shell(&vm)),
+        Command::Doctor { boot } => block_on(doctor::run(boot)),
+        Command::Image {
+            command: ImageCommand::Build(args),
+        } => image::build(*args),
+        Command::SetupNetwork(args) => image::setup_network(&args),
+    };
+    finish(result)
+}
+
+/// Runs a command that needs the async runtime.
+fn block_on(
+    command: impl std::future::Future<Output = anyhow::Result<ExitCode>>,
+) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-    {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("agentvm: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let result = runtime.block_on(async {
-        match cli.command {
-            Command::Exec {
-                vm,
-                timeout,
-                command,
-            } => session::exec(&vm, timeout.as_deref(), command).await,
-            Command::Shell { vm } => session::shell(&vm).await,
-            Command::Doctor { boot } => doctor::run(boot).await,
-        }
-    });
+        .context("cannot start the async runtime")?;
+    runtime.block_on(command)
+}
+
+fn finish(result: anyhow::Result<ExitCode>) -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
@@ -109,4 +135,40 @@ fn init_logging(verbose: bool) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from([
+            "agentvm", "image", "build", "agent", "--with", "codex", "--out", "/x", "--force",
+        ])
+        .unwrap();
+        let Command::Image {
+            command: ImageCommand::Build(a),
+        } = cli.command
+        else {
+            panic!("parsed as image build")
+        };
+        assert_eq!(a.image_name(), "agent");
+        assert_eq!(a.with, ["codex"]);
+        assert_eq!(a.out.as_deref(), Some(std::path::Path::new("/x")));
+        assert!(a.force);
+        let cli = Cli::try_parse_from(["agentvm", "image", "build", "--image", "rich"]).unwrap();
+        let Command::Image {
+            command: ImageCommand::Build(a),
+        } = cli.command
+        else {
+            panic!("parsed as image build")
+        };
+        assert_eq!(a.image_name(), "rich");
+        assert!(a.out.is_none());
+        let cli = Cli::try_parse_from(["agentvm", "setup-network", "--teardown"]).unwrap();
+        assert!(matches!(cli.command, Command::SetupNetwork(a) if a.teardown && !a.dry_run));
+    }
 }

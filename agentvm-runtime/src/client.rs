@@ -63,7 +63,7 @@ pub enum ClientError {
         after: Duration,
     },
     /// The guest speaks another protocol version.
-    #[error("guest speaks protocol version {guest}, the host {PROTOCOL_VERSION}: rebuild the guest image (cargo xtask build-image)")]
+    #[error("guest speaks protocol version {guest}, the host {PROTOCOL_VERSION}: rebuild the guest image (`agentvm image build`, or `cargo xtask build-image` in the agentvm repository)")]
     VersionMismatch {
         /// The guest's version.
         guest: u8,

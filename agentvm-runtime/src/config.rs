@@ -26,7 +26,7 @@
 //! # cargo feature `libvirt`) or "mock" (an in-process fake without real VMs,
 //! # for testing the harness itself).
 //! backend = "qemu"
-//! # Guest image name, built by `cargo xtask build-image --name NAME`.
+//! # Guest image name, built by `agentvm image build NAME`.
 //! image = "default"
 //! # Where images live; relative paths are relative to the workspace root.
 //! image_dir = "target/agentvm/images"

@@ -1,4 +1,6 @@
-//! Finding a guest image built by `cargo xtask build-image`.
+//! Finding a guest image built by `agentvm image build` (or, in the agentvm
+//! repository, `cargo xtask build-image`), and saying how to build a missing
+//! one ([`build_hint`]).
 //!
 //! An image `<name>` lives in `<images_dir>/<name>/`: `vmlinuz`,
 //! `initramfs.cpio.gz` and `manifest.json`. The builder writes the manifest
@@ -43,9 +45,43 @@ struct FileRef {
     size: Option<u64>,
 }
 
-/// The command that builds image `name` into `images_dir` (the directory
-/// the harness looks in), run from a checkout of agentvm.
+/// The agentvm checkout this crate was compiled from: the CLI is installed
+/// from there, and images under it may also be built with `cargo xtask`.
+fn agentvm_checkout() -> &'static Path {
+    let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest_dir.parent().unwrap_or(manifest_dir)
+}
+
+/// `path` as one shell word.
+fn shell_word(path: &Path) -> String {
+    let text = path.display().to_string();
+    if !text.is_empty()
+        && text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c))
+    {
+        text
+    } else {
+        format!("'{}'", text.replace('\'', r"'\''"))
+    }
+}
+
+/// The command of the installable `agentvm` CLI that builds image `name`
+/// into `images_dir` (the directory the harness looks in), from any crate.
 pub fn build_command(name: &str, images_dir: &Path) -> String {
+    let name_arg = if name == "default" {
+        String::new()
+    } else {
+        format!(" {name}")
+    };
+    format!(
+        "agentvm image build{name_arg} --out {}",
+        shell_word(images_dir)
+    )
+}
+
+/// The same build with `cargo xtask`, which only the agentvm repository has.
+pub fn xtask_build_command(name: &str, images_dir: &Path) -> String {
     let name_arg = if name == "default" {
         String::new()
     } else {
@@ -53,27 +89,48 @@ pub fn build_command(name: &str, images_dir: &Path) -> String {
     };
     format!(
         "cargo xtask build-image{name_arg} --out {}",
-        images_dir.display()
+        shell_word(images_dir)
     )
 }
 
-/// [`build_command`] for an image found missing at `path` (its directory or
+/// What to run to build image `name` into `images_dir` (`extra`: more
+/// flags, e.g. `--force`): the [`build_command`], how to install that CLI,
+/// and, when `images_dir` is inside the agentvm checkout, the
+/// [`xtask_build_command`] too.
+pub fn build_hint(name: &str, images_dir: &Path, extra: &str) -> String {
+    let checkout = agentvm_checkout();
+    let mut hint = format!(
+        "`{}{extra}` (the agentvm CLI; install it with `cargo install --path {}`",
+        build_command(name, images_dir),
+        shell_word(&checkout.join("agentvm-cli"))
+    );
+    if images_dir.starts_with(checkout) {
+        hint.push_str(&format!(
+            "; or, in the agentvm repository, `{}{extra}`",
+            xtask_build_command(name, images_dir)
+        ));
+    }
+    hint.push(')');
+    hint
+}
+
+/// [`build_hint`] for an image found missing at `path` (its directory or
 /// a file in it): the images directory is the parent of the directory named
 /// after the image.
-pub fn build_command_for_missing(name: &str, path: &Path) -> String {
+pub fn build_hint_for_missing(name: &str, path: &Path, extra: &str) -> String {
     let images_dir = path
         .ancestors()
         .find(|dir| dir.file_name() == Some(std::ffi::OsStr::new(name)))
         .and_then(Path::parent)
         .unwrap_or(path);
-    build_command(name, images_dir)
+    build_hint(name, images_dir, extra)
 }
 
 /// Finds image `name` under `images_dir` and reads its manifest.
 ///
 /// A missing image directory, manifest, kernel or initramfs is
-/// [`BackendError::MissingImage`], whose message says to run
-/// `cargo xtask build-image`. A manifest that cannot be parsed, or an invalid
+/// [`BackendError::MissingImage`], whose message says what to run
+/// ([`build_hint`]). A manifest that cannot be parsed, or an invalid
 /// image name, is [`BackendError::Io`] (its message says to rebuild too).
 pub fn locate_image(name: &str, images_dir: &Path) -> Result<ImagePaths, BackendError> {
     if !is_valid_image_name(name) {
@@ -105,9 +162,9 @@ pub fn locate_image(name: &str, images_dir: &Path) -> Result<ImagePaths, Backend
     };
     let manifest: Manifest = serde_json::from_str(&text).map_err(|e| BackendError::Io {
         context: format!(
-            "invalid guest image manifest {} (rebuild the image with `{}`)",
+            "invalid guest image manifest {} (rebuild the image with {})",
             manifest_path.display(),
-            build_command(name, images_dir)
+            build_hint(name, images_dir, " --force")
         ),
         source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
     })?;
@@ -182,9 +239,9 @@ fn check_size(name: &str, path: &Path, expected: u64) -> Result<(), BackendError
     Err(BackendError::Io {
         context: format!(
             "guest image file {} is {actual} bytes but its manifest says {expected}: \
-             it is truncated or was replaced (rebuild it with `{} --force`)",
+             it is truncated or was replaced (rebuild it with {})",
             path.display(),
-            build_command_for_missing(name, path)
+            build_hint_for_missing(name, path, " --force")
         ),
         source: std::io::Error::from(std::io::ErrorKind::InvalidData),
     })
@@ -248,11 +305,21 @@ mod tests {
         let e = locate_image("default", &tmp.0).unwrap_err();
         assert!(matches!(e, BackendError::MissingImage { .. }), "{e:?}");
         let msg = e.to_string();
-        assert!(msg.contains("cargo xtask build-image"), "{msg}");
+        assert!(
+            msg.contains(&format!(
+                "build it with `agentvm image build --out {}` (the agentvm CLI; install it \
+                 with `cargo install --path {}/agentvm-cli`)",
+                tmp.0.display(),
+                agentvm_checkout().display()
+            )),
+            "{msg}"
+        );
         assert!(
             msg.contains(&tmp.0.join("default/manifest.json").display().to_string()),
             "{msg}"
         );
+        // Outside the agentvm checkout there is no xtask to mention.
+        assert!(!msg.contains("xtask"), "{msg}");
     }
 
     #[test]
@@ -273,7 +340,11 @@ mod tests {
         write_image(&tmp.0, "nocmd", r#"{"name": "nocmd"}"#);
         let e = locate_image("nocmd", &tmp.0).unwrap_err().to_string();
         assert!(
-            e.contains("invalid guest image manifest") && e.contains("build-image --name nocmd"),
+            e.contains("invalid guest image manifest")
+                && e.contains(&format!(
+                    "`agentvm image build nocmd --out {} --force`",
+                    tmp.0.display()
+                )),
             "{e}"
         );
         write_image(
@@ -310,7 +381,7 @@ mod tests {
         assert!(
             e.contains("is 2 bytes but its manifest says 4")
                 && e.contains(&format!(
-                    "cargo xtask build-image --name agent --out {} --force",
+                    "`agentvm image build agent --out {} --force`",
                     tmp.0.display()
                 )),
             "{e}"
@@ -325,15 +396,37 @@ mod tests {
         let dir = Path::new("/srv/images");
         assert_eq!(
             build_command("default", dir),
-            "cargo xtask build-image --out /srv/images"
+            "agentvm image build --out /srv/images"
         );
         assert_eq!(
             build_command("rich", dir),
+            "agentvm image build rich --out /srv/images"
+        );
+        assert_eq!(
+            xtask_build_command("rich", dir),
             "cargo xtask build-image --name rich --out /srv/images"
         );
         assert_eq!(
-            build_command_for_missing("rich", Path::new("/srv/images/rich/vmlinuz")),
-            "cargo xtask build-image --name rich --out /srv/images"
+            build_command("rich", Path::new("/srv/my images")),
+            "agentvm image build rich --out '/srv/my images'"
+        );
+        let install = format!(
+            "install it with `cargo install --path {}/agentvm-cli`",
+            agentvm_checkout().display()
+        );
+        assert_eq!(
+            build_hint_for_missing("rich", Path::new("/srv/images/rich/vmlinuz"), ""),
+            format!("`agentvm image build rich --out /srv/images` (the agentvm CLI; {install})")
+        );
+        // Images inside the agentvm checkout: the xtask form too.
+        let inside = agentvm_checkout().join("target/agentvm/images");
+        assert_eq!(
+            build_hint("default", &inside, " --force"),
+            format!(
+                "`agentvm image build --out {dir} --force` (the agentvm CLI; {install}; or, in \
+                 the agentvm repository, `cargo xtask build-image --out {dir} --force`)",
+                dir = inside.display()
+            )
         );
     }
 }

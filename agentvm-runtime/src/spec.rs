@@ -139,7 +139,8 @@ pub enum Accel {
     Tcg,
 }
 
-/// A guest image on disk: kernel + initramfs built by `cargo xtask build-image`.
+/// A guest image on disk: kernel + initramfs built by `agentvm image build`
+/// (`cargo xtask build-image` in the agentvm repository).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImagePaths {
     /// Image name (`default`, ...).

@@ -605,7 +605,10 @@ async fn missing_image_is_reported_before_starting_qemu() {
     };
     let err = backend.launch_qemu(&spec).await.unwrap_err();
     assert!(matches!(err, BackendError::MissingImage { .. }), "{err}");
-    assert!(err.to_string().contains("cargo xtask build-image"));
+    assert!(
+        err.to_string().contains("`agentvm image build nope --out "),
+        "{err}"
+    );
 
     // A kernel QEMU cannot load: QEMU exits at once, reported as Crashed with QEMU's message.
     let bogus = std::env::temp_dir().join(format!("agentvm-bogus-kernel-{}", std::process::id()));

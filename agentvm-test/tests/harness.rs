@@ -679,11 +679,12 @@ mod driver {
         check(
             out.stdout
                 .contains("guest image \"missing-image\" not found at")
-                && out
-                    .stdout
-                    .contains("`cargo xtask build-image --name missing-image --out ")
-                && out.stdout.contains("/images`"),
-            "missing image message with the build command",
+                && out.stdout.contains(&format!(
+                    "`agentvm image build missing-image --out {}`",
+                    env.images().display()
+                ))
+                && out.stdout.contains("cargo install --path "),
+            "missing image message with the build command, output directory included",
             out,
         )
     }

@@ -20,7 +20,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Build the guest image (kernel + initramfs) into target/agentvm/images/<name>/.
-    BuildImage(image::BuildImageArgs),
+    BuildImage(Box<image::BuildImageArgs>),
     /// Install missing system packages (QEMU, busybox-static) and build the guest image.
     Setup(tasks::SetupArgs),
     /// Set up (also libvirtd and its network), then run every test of the
@@ -43,7 +43,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let res = match Cli::parse().command {
-        Command::BuildImage(args) => image::run(args),
+        Command::BuildImage(args) => image::run(*args),
         Command::Setup(args) => tasks::setup(&args),
         Command::Test(args) => tasks::test(&args),
         Command::Demo { args } => tasks::demo(&args),
@@ -94,7 +94,15 @@ mod tests {
         assert_eq!(a.name, "agent");
         assert_eq!(a.with, ["claude-code", "codex"]);
         assert!(a.wants_rootfs());
-        assert_eq!(a.rootfs_format, image::rootfs::RootfsFormat::Erofs);
+        assert_eq!(a.rootfs_format, agentvm_image::RootfsFormat::Erofs);
+        // The name as an argument, as `agentvm image build agent` takes it.
+        let cli = Cli::try_parse_from(["xtask", "build-image", "agent"]).unwrap();
+        let Command::BuildImage(a) = cli.command else {
+            panic!("parsed as build-image")
+        };
+        assert_eq!(a.image_name(), "agent");
+        assert!(a.wants_rootfs());
+        assert!(Cli::try_parse_from(["xtask", "build-image", "a", "--name", "b"]).is_err());
         let cli = Cli::try_parse_from([
             "xtask",
             "build-image",
@@ -109,7 +117,7 @@ mod tests {
             panic!("parsed as build-image")
         };
         assert!(a.wants_rootfs());
-        assert_eq!(a.rootfs_format, image::rootfs::RootfsFormat::Squashfs);
+        assert_eq!(a.rootfs_format, agentvm_image::RootfsFormat::Squashfs);
         let cli = Cli::try_parse_from(["xtask", "bench", "--quick", "--json", "out.json"]).unwrap();
         let Command::Bench(b) = cli.command else {
             panic!("parsed as bench")

@@ -111,7 +111,8 @@ pub fn test(args: &TestArgs) -> Result<()> {
             cargo().args(["test", "--workspace"]).args(&args.args),
             "cargo test --workspace",
         )?;
-        return agent_image_boot_tests(&progress);
+        agent_image_boot_tests(&progress)?;
+        return outside_crate_test(&progress);
     }
     start_libvirt(&progress)?;
     progress.step(format!(
@@ -128,13 +129,14 @@ pub fn test(args: &TestArgs) -> Result<()> {
         cargo().args([
             "test",
             "-p",
-            "xtask",
+            "agentvm-image",
+            "--lib",
             "--",
             "--ignored",
             "--exact",
             "network::tests::setup_against_a_real_daemon",
         ]),
-        "cargo test -p xtask -- --ignored",
+        "cargo test -p agentvm-image -- --ignored",
     )?;
     progress.step("example agent suite on the libvirt backend (AGENT_VM_BACKEND=libvirt)");
     run(
@@ -152,7 +154,27 @@ pub fn test(args: &TestArgs) -> Result<()> {
             .env("AGENT_VM_BACKEND", "libvirt"),
         "the agent image suite on libvirt",
     )?;
-    agent_image_boot_tests(&progress)
+    agent_image_boot_tests(&progress)?;
+    outside_crate_test(&progress)
+}
+
+/// A user's crate outside the repository: told how to build its image
+/// (`agentvm image build ... --out <its image dir>`), builds it with the
+/// CLI, then runs its test in a VM (ignored by a plain `cargo test`).
+fn outside_crate_test(progress: &Progress) -> Result<()> {
+    progress.step("a crate outside the repository builds its image with `agentvm image build`");
+    run(
+        cargo().args([
+            "test",
+            "-p",
+            "agentvm-cli",
+            "--test",
+            "outside_crate",
+            "--",
+            "--ignored",
+        ]),
+        "the outside-crate test",
+    )
 }
 
 /// The agent image's own boot tests (ignored by a plain `cargo test`
@@ -188,11 +210,7 @@ fn start_libvirt(progress: &Progress) -> Result<()> {
         );
     }
     progress.step("libvirt network agentvm-nat and nwfilter agentvm-egress");
-    crate::network::run(&crate::network::SetupNetworkArgs {
-        dry_run: false,
-        teardown: false,
-        uri: None,
-    })
+    crate::network::run(&crate::network::SetupNetworkArgs::default())
 }
 
 /// `cargo xtask demo [-- ARGS]`: set-up, then the example agent suite in real VMs.

@@ -54,7 +54,7 @@ pub enum BackendError {
         expected: String,
     },
     /// The guest image is missing or incomplete.
-    #[error("guest image {name:?} not found at {}: build it with `{}`", .path.display(), crate::image::build_command_for_missing(.name, .path))]
+    #[error("guest image {name:?} not found at {}: build it with {}", .path.display(), crate::image::build_hint_for_missing(.name, .path, ""))]
     MissingImage {
         /// Image name.
         name: String,

@@ -29,7 +29,7 @@ pub const DOMAIN_PREFIX: &str = "agentvm-";
 pub const METADATA_NS: &str = "https://agentvm.dev/xmlns/libvirt/vm/1";
 /// Namespace prefix of the metadata element.
 pub const METADATA_PREFIX: &str = "agentvm";
-/// The libvirt NAT network of `nat-filtered` (created by `cargo xtask setup-network`).
+/// The libvirt NAT network of `nat-filtered` (created by `agentvm setup-network`).
 pub const NAT_NETWORK: &str = "agentvm-nat";
 /// The nwfilter of `nat-filtered`.
 pub const EGRESS_FILTER: &str = "agentvm-egress";

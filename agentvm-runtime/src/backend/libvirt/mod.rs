@@ -109,7 +109,8 @@ pub fn missing_network_objects(network: bool, filter: bool, uri: &str) -> Option
         (false, false) => format!("network {NAT_NETWORK:?} and nwfilter {EGRESS_FILTER:?} are"),
     };
     Some(format!(
-        "libvirt {missing} not defined at {uri}: run `cargo xtask setup-network`"
+        "libvirt {missing} not defined at {uri}: run `agentvm setup-network` \
+         (`cargo xtask setup-network` in the agentvm repository)"
     ))
 }
 
@@ -982,7 +983,8 @@ mod tests {
     #[test]
     fn missing_network_objects_name_what_is_missing_and_the_fix() {
         assert_eq!(missing_network_objects(true, true, "qemu:///system"), None);
-        let fix = ": run `cargo xtask setup-network`";
+        let fix =
+            ": run `agentvm setup-network` (`cargo xtask setup-network` in the agentvm repository)";
         for (net, filter, what) in [
             (false, true, "network \"agentvm-nat\" is not defined at qemu:///system"),
             (true, false, "nwfilter \"agentvm-egress\" is not defined at qemu:///system"),

@@ -12,7 +12,8 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-use crate::util::{is_root, require_tool, run_captured, sha256_file, Progress};
+use crate::progress::Progress;
+use crate::util::{is_root, require_tool, run_captured, sha256_file};
 
 pub const DEFAULT_PACKAGE: &str = "linux-image-cloud-amd64";
 const DEB_SHA256: &str = ".deb-sha256";
@@ -64,7 +65,7 @@ pub fn resolve(package: &str) -> Result<PackageInfo> {
 
 /// Returns the unpacked kernel for `info`, downloading and unpacking it into
 /// `cache` first if needed.
-pub fn fetch(info: &PackageInfo, cache: &Path, progress: &Progress) -> Result<Kernel> {
+pub fn fetch(info: &PackageInfo, cache: &Path, progress: &Progress<'_>) -> Result<Kernel> {
     let dir = cache.join("kernel").join(format!(
         "{}_{}",
         info.package,
@@ -106,7 +107,7 @@ pub fn fetch(info: &PackageInfo, cache: &Path, progress: &Progress) -> Result<Ke
 }
 
 /// Downloads the .deb into `tmp`, unpacks it to `tmp/root`, returns its SHA-256.
-fn download_and_unpack(info: &PackageInfo, tmp: &Path, progress: &Progress) -> Result<String> {
+fn download_and_unpack(info: &PackageInfo, tmp: &Path, progress: &Progress<'_>) -> Result<String> {
     let spec = format!("{}={}", info.package, info.version);
     run_captured(
         Command::new("apt-get")

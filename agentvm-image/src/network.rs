@@ -1,7 +1,8 @@
-//! `cargo xtask setup-network`: the libvirt NAT network `agentvm-nat` and the
-//! nwfilter `agentvm-egress` used by `network = "nat-filtered"`.
+//! `agentvm setup-network` / `cargo xtask setup-network`: the libvirt NAT
+//! network `agentvm-nat` and the nwfilter `agentvm-egress` used by
+//! `network = "nat-filtered"`.
 //!
-//! The xtask must build without libvirt headers, so it drives `virsh` as a
+//! The xtask must build without libvirt headers, so this drives `virsh` as a
 //! subprocess. The XML is built by pure functions (unit-tested).
 //!
 //! The filter lets a guest open connections to DNS (udp/tcp 53), HTTP (80),
@@ -14,6 +15,8 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
+
+use crate::progress::{Event, Progress};
 
 /// The network's name (`crate::backend::libvirt::domain_xml::NAT_NETWORK` in the runtime).
 pub const NETWORK: &str = "agentvm-nat";
@@ -35,17 +38,19 @@ pub const TCP_PORTS: &[(u16, &str)] = &[
 /// UDP ports a guest may send to.
 pub const UDP_PORTS: &[(u16, &str)] = &[(53, "DNS"), (67, "DHCP")];
 
-/// Arguments of `cargo xtask setup-network`.
-#[derive(Debug, Clone, clap::Args)]
+/// Arguments of `agentvm setup-network` and `cargo xtask setup-network`
+/// (with the `clap` feature, their `clap::Args`).
+#[derive(Debug, Clone, Default)]
+#[cfg_attr(feature = "clap", derive(clap::Args))]
 pub struct SetupNetworkArgs {
     /// Print the network and filter XML, change nothing.
-    #[arg(long)]
+    #[cfg_attr(feature = "clap", arg(long))]
     pub dry_run: bool,
     /// Remove the network and the filter instead.
-    #[arg(long)]
+    #[cfg_attr(feature = "clap", arg(long))]
     pub teardown: bool,
     /// libvirt URI (default: LIBVIRT_DEFAULT_URI, else qemu:///system).
-    #[arg(long)]
+    #[cfg_attr(feature = "clap", arg(long))]
     pub uri: Option<String>,
 }
 
@@ -267,7 +272,7 @@ fn network_essentials(xml: &str) -> Option<Vec<String>> {
 /// What to do to get from `observed` to the wanted set-up. An existing
 /// network that differs is an error: it may carry other VMs, so it is not
 /// replaced behind the user's back.
-pub fn plan(observed: &Observed) -> Result<Vec<Step>> {
+pub(crate) fn plan(observed: &Observed) -> Result<Vec<Step>> {
     let mut steps = Vec::new();
     match &observed.filter_xml {
         None => steps.push(Step::DefineFilter),
@@ -289,7 +294,8 @@ pub fn plan(observed: &Observed) -> Result<Vec<Step>> {
                     bail!(
                         "network {NETWORK} exists but is not the one agentvm sets up \
                          (have {have:?}, want {want:?}): remove it with \
-                         `cargo xtask setup-network --teardown`, then run `cargo xtask setup-network`"
+                         `agentvm setup-network --teardown`, then run `agentvm setup-network` \
+                         (or `cargo xtask setup-network ...` in the agentvm repository)"
                     );
                 }
             }
@@ -375,39 +381,41 @@ impl Virsh {
 
 /// Sets up the network and the filter; returns the steps taken (none when
 /// everything was already in place).
-fn setup(virsh: &Virsh) -> Result<Vec<Step>> {
+fn setup(virsh: &Virsh, progress: &Progress<'_>) -> Result<Vec<Step>> {
     let observed = virsh.observe()?;
     let steps = plan(&observed)?;
     for &step in &steps {
         virsh.apply(step, &observed)?;
-        println!("{}", step.done());
+        progress.output(step.done());
     }
     if steps.is_empty() {
-        println!(
+        progress.output(format!(
             "{NETWORK} and {FILTER} already set up at {}, nothing changed",
             virsh.uri
-        );
+        ));
     }
     Ok(steps)
 }
 
-fn teardown(virsh: &Virsh) -> Result<()> {
+fn teardown(virsh: &Virsh, progress: &Progress<'_>) -> Result<()> {
     let observed = virsh.observe()?;
     if let Some(net) = observed.net {
         if net.active {
             virsh.must(&["net-destroy", NETWORK])?;
         }
         virsh.must(&["net-undefine", NETWORK])?;
-        println!("removed network {NETWORK}");
+        progress.output(format!("removed network {NETWORK}"));
     }
     if observed.filter_xml.is_some() {
         virsh
             .must(&["nwfilter-undefine", FILTER])
             .context("a filter in use by a VM cannot be removed: destroy the agentvm VMs first")?;
-        println!("removed nwfilter {FILTER}");
+        progress.output(format!("removed nwfilter {FILTER}"));
     }
     if observed.net.is_none() && observed.filter_xml.is_none() {
-        println!("{NETWORK} and {FILTER} are not set up, nothing changed");
+        progress.output(format!(
+            "{NETWORK} and {FILTER} are not set up, nothing changed"
+        ));
     }
     Ok(())
 }
@@ -417,19 +425,29 @@ pub fn daemon_answers(uri: Option<&str>) -> bool {
     Virsh::connect(uri).is_ok()
 }
 
-/// `cargo xtask setup-network`.
-pub fn run(args: &SetupNetworkArgs) -> Result<()> {
+/// `agentvm setup-network` / `cargo xtask setup-network`: sets up (or with
+/// `teardown` removes) the network and the filter, reporting each change as
+/// an [`Event::Output`]; `dry_run` only reports the XML.
+pub fn run(args: &SetupNetworkArgs, report: &dyn Fn(Event)) -> Result<(), crate::Error> {
+    let progress = Progress::new(report);
     if args.dry_run {
-        print!("<!-- network {NETWORK} -->\n{}", network_xml());
-        print!("<!-- nwfilter {FILTER} -->\n{}", filter_xml());
+        progress.output(format!(
+            "<!-- network {NETWORK} -->\n{}",
+            network_xml().trim_end()
+        ));
+        progress.output(format!(
+            "<!-- nwfilter {FILTER} -->\n{}",
+            filter_xml().trim_end()
+        ));
         return Ok(());
     }
     let virsh = Virsh::connect(args.uri.as_deref())?;
     if args.teardown {
-        teardown(&virsh)
+        teardown(&virsh, &progress)?;
     } else {
-        setup(&virsh).map(drop)
+        setup(&virsh, &progress)?;
     }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -608,8 +626,9 @@ mod tests {
     #[ignore = "needs a running libvirtd: `cargo xtask test` starts one and runs this with --ignored"]
     fn setup_against_a_real_daemon() {
         let virsh = Virsh::connect(None).unwrap();
-        setup(&virsh).unwrap();
-        assert_eq!(setup(&virsh).unwrap(), []);
+        let progress = Progress::new(&|_| {});
+        setup(&virsh, &progress).unwrap();
+        assert_eq!(setup(&virsh, &progress).unwrap(), []);
         let observed = virsh.observe().unwrap();
         let info = observed.net.expect("network defined");
         assert!(info.active && info.autostart, "{info:?}");

@@ -471,7 +471,7 @@ mod tests {
 
     #[test]
     fn selects_from_an_unpacked_kernel_tree() {
-        use crate::image::elf::tests::build_elf;
+        use crate::elf::tests::build_elf;
         let dir = tempfile::tempdir().unwrap();
         let md = dir.path();
         let g = debian_cloud();

@@ -30,7 +30,8 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::util::{require_tool, run_captured, sha256_hex, Progress};
+use crate::progress::Progress;
+use crate::util::{require_tool, run_captured, sha256_hex};
 
 /// Where agents go in the image.
 pub const AGENTS_DIR: &str = "/opt/agents";
@@ -284,7 +285,7 @@ pub struct Staged {
 
 /// Fetches what can be fetched on the host (npm) into `work` and returns the
 /// hooks that put the agent into the new root.
-pub fn stage(r: &Recipe, work: &Path, progress: &Progress) -> Result<Staged> {
+pub fn stage(r: &Recipe, work: &Path, progress: &Progress<'_>) -> Result<Staged> {
     let mut installed = Installed {
         name: r.name.clone(),
         source: r.source_label(),
@@ -512,7 +513,7 @@ claude = "node_modules/@anthropic-ai/claude-code-linux-x64/claude"
 
     #[test]
     fn shipped_recipes_parse() {
-        let dir = crate::util::workspace_root().join("images/recipes");
+        let dir = crate::source::SourceTree::new(None).recipes_dir().unwrap();
         let names = available(&dir);
         assert!(names.len() >= 3, "{names:?}");
         let rs = load(&dir, &names).unwrap();

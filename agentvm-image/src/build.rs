@@ -1,24 +1,14 @@
-//! `cargo xtask build-image`: the guest image (kernel + initramfs) that the
-//! agentvm backends boot directly (`-kernel vmlinuz -initrd initramfs.cpio.gz
-//! -append <cmdline>`).
+//! Building a guest image (kernel + initramfs) that the agentvm backends
+//! boot directly (`-kernel vmlinuz -initrd initramfs.cpio.gz -append
+//! <cmdline>`): [`run`], behind `cargo xtask build-image` and
+//! `agentvm image build`.
 //!
 //! Output, in `<out>/<name>/`: `vmlinuz`, `initramfs.cpio.gz`, `manifest.json`,
 //! and for the `agent` image (or `--rootfs`, `--with`) `rootfs.erofs`: a
-//! Debian root file system ([`rootfs`]) with agent recipes ([`recipe`]),
+//! Debian root file system with agent recipes (`images/recipes/`),
 //! which the initramfs init mounts under a tmpfs overlay and switch_roots to.
 //! The manifest is written last and removed first on a rebuild, so a
 //! directory with a manifest always holds a complete image.
-
-pub mod busybox;
-pub mod cpio;
-pub mod elf;
-pub mod guest;
-pub mod initramfs;
-pub mod kernel;
-pub mod manifest;
-pub mod modules;
-pub mod recipe;
-pub mod rootfs;
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -26,13 +16,16 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 
-use crate::util::{rfc3339_utc, sha256_file, sha256_hex, workspace_root, write_atomic, Progress};
-use initramfs::Tree;
-use manifest::{
-    BusyboxInfo, FileInfo, GuestInfo, Inputs, KernelInfo, Manifest, ModuleInfo, RootfsManifest,
-    UserInfo,
+use crate::initramfs::Tree;
+use crate::manifest::{
+    self, BusyboxInfo, FileInfo, GuestInfo, Inputs, KernelInfo, Manifest, ModuleInfo,
+    RootfsManifest, UserInfo,
 };
-use rootfs::{RootfsFormat, RootfsInputs};
+use crate::progress::{Event, Progress};
+use crate::rootfs::{self, RootfsFormat, RootfsInputs};
+use crate::source::SourceTree;
+use crate::util::{rfc3339_utc, sha256_file, sha256_hex, write_atomic};
+use crate::{busybox, guest, initramfs, kernel, modules, recipe, Error};
 
 /// Kernel command line for the image. `quiet` keeps the serial console to
 /// the init script's and the agent's lines; drop it by hand to debug a boot.
@@ -53,63 +46,103 @@ pub const VIRTIO_PORT: &str = "org.agentvm.ctl";
 /// Where the guest agent lives in the image.
 pub const GUEST_PATH: &str = "usr/bin/agentvm-guest";
 
+/// File name of the kernel in an image directory.
 pub const VMLINUZ: &str = "vmlinuz";
+/// File name of the initramfs in an image directory.
 pub const INITRAMFS: &str = "initramfs.cpio.gz";
+/// File name of the manifest, written last: its presence means a complete image.
 pub const MANIFEST: &str = "manifest.json";
+/// The image built when no name is given: busybox userland, no root file system.
+pub const DEFAULT_IMAGE: &str = "default";
+/// The Debian kernel package taken by default.
+pub const DEFAULT_KERNEL_PACKAGE: &str = kernel::DEFAULT_PACKAGE;
 /// The image name that gets a Debian root file system by default.
 pub const AGENT_IMAGE: &str = "agent";
 /// Serial number of the root file system disk (the backends set it; the
 /// guest's init finds the disk by `/sys/block/vd*/serial`, whatever its name).
 pub const ROOTFS_SERIAL: &str = "agentvm-rootfs";
 
-#[derive(Debug, clap::Args)]
+/// The options of a build: the flags of `cargo xtask build-image` and
+/// `agentvm image build` (with the `clap` feature this is their
+/// `clap::Args`). Directories not given default to the source tree's
+/// `target/agentvm/` ([`crate::source`]).
+#[derive(Debug, Clone)]
+#[cfg_attr(feature = "clap", derive(clap::Args))]
+// The field docs are the commands' --help text, written for a terminal.
+#[allow(rustdoc::invalid_html_tags, rustdoc::broken_intra_doc_links)]
 pub struct BuildImageArgs {
+    /// Image name, given as an argument instead of --name.
+    #[cfg_attr(feature = "clap", arg(value_name = "NAME", conflicts_with = "name"))]
+    pub name_arg: Option<String>,
     /// Image name: the output goes to <out>/<name>/. `agent` gets a Debian
     /// root file system (see --rootfs).
-    #[arg(long, visible_alias = "image", default_value = "default")]
+    #[cfg_attr(
+        feature = "clap",
+        arg(long, visible_alias = "image", default_value = DEFAULT_IMAGE)
+    )]
     pub name: String,
     /// Build a Debian root file system disk (default for `--name agent`).
-    #[arg(long)]
+    #[cfg_attr(feature = "clap", arg(long))]
     pub rootfs: bool,
     /// Agent recipes to install (images/recipes/<name>.toml), comma separated;
     /// implies --rootfs.
-    #[arg(long = "with", value_delimiter = ',', value_name = "RECIPE,...")]
+    #[cfg_attr(
+        feature = "clap",
+        arg(long = "with", value_delimiter = ',', value_name = "RECIPE,...")
+    )]
     pub with: Vec<String>,
     /// How the root file system is packed.
-    #[arg(long, value_enum, default_value_t = RootfsFormat::Erofs)]
+    #[cfg_attr(feature = "clap", arg(long, value_enum, default_value_t = RootfsFormat::Erofs))]
     pub rootfs_format: RootfsFormat,
     /// Debian archive URL [default: the host's apt source for bookworm].
-    #[arg(long, value_name = "URL")]
+    #[cfg_attr(feature = "clap", arg(long, value_name = "URL"))]
     pub mirror: Option<String>,
-    /// Output directory [default: <workspace>/target/agentvm/images].
-    #[arg(long)]
+    /// Output directory: the image goes to <out>/<name>/ [default: for
+    /// `agentvm`, the image_dir of the current workspace (what its tests
+    /// look in: .config/agentvm.toml, AGENT_VM_IMAGE_DIR, else
+    /// <workspace>/target/agentvm/images); for the library and `cargo
+    /// xtask`, <source>/target/agentvm/images].
+    #[cfg_attr(feature = "clap", arg(long, value_name = "DIR"))]
     pub out: Option<PathBuf>,
     /// Rebuild even if the image is up to date.
-    #[arg(long)]
+    #[cfg_attr(feature = "clap", arg(long))]
     pub force: bool,
     /// Kernel package (metapackage or versioned) to take vmlinuz and modules from.
-    #[arg(long, default_value = kernel::DEFAULT_PACKAGE)]
+    #[cfg_attr(feature = "clap", arg(long, default_value = DEFAULT_KERNEL_PACKAGE))]
     pub kernel_package: String,
     /// Use this static guest agent binary instead of building agentvm-guest
     /// (e.g. a stand-in while the agent is being written).
-    #[arg(long, value_name = "PATH")]
+    #[cfg_attr(feature = "clap", arg(long, value_name = "PATH"))]
     pub guest_bin: Option<PathBuf>,
     /// Static busybox to pack [default: /bin/busybox from busybox-static].
-    #[arg(long, value_name = "PATH", env = "AGENTVM_BUSYBOX")]
+    #[cfg_attr(
+        feature = "clap",
+        arg(long, value_name = "PATH", env = "AGENTVM_BUSYBOX")
+    )]
     pub busybox: Option<PathBuf>,
-    /// Init script [default: <workspace>/images/init].
-    #[arg(long, value_name = "PATH")]
+    /// Init script [default: <source>/images/init].
+    #[cfg_attr(feature = "clap", arg(long, value_name = "PATH"))]
     pub init: Option<PathBuf>,
-    /// Download/unpack cache [default: <workspace>/target/agentvm/cache].
-    #[arg(long, value_name = "DIR")]
+    /// Download/unpack cache [default: <source>/target/agentvm/cache].
+    #[cfg_attr(feature = "clap", arg(long, value_name = "DIR"))]
     pub cache: Option<PathBuf>,
+    /// The agentvm source tree that has the agentvm-guest crate and
+    /// images/{init,recipes} [default: the checkout this program was built
+    /// from].
+    #[cfg_attr(
+        feature = "clap",
+        arg(long, value_name = "DIR", env = crate::source::SOURCE_DIR_ENV)
+    )]
+    pub source: Option<PathBuf>,
 }
 
 impl BuildImageArgs {
-    /// The arguments of a plain `cargo xtask build-image`.
+    /// The arguments of a plain `cargo xtask build-image` (the environment
+    /// variables that the flags read included).
     pub fn defaults() -> Self {
         Self {
-            name: "default".into(),
+            name_arg: None,
+            name: DEFAULT_IMAGE.into(),
             rootfs: false,
             with: Vec::new(),
             rootfs_format: RootfsFormat::Erofs,
@@ -121,6 +154,7 @@ impl BuildImageArgs {
             busybox: std::env::var_os("AGENTVM_BUSYBOX").map(PathBuf::from),
             init: None,
             cache: None,
+            source: std::env::var_os(crate::source::SOURCE_DIR_ENV).map(PathBuf::from),
         }
     }
 
@@ -133,22 +167,73 @@ impl BuildImageArgs {
         }
     }
 
+    /// The image's name: the positional argument, else `--name`.
+    pub fn image_name(&self) -> &str {
+        self.name_arg.as_deref().unwrap_or(&self.name)
+    }
+
     /// Whether this image gets a root file system disk.
     pub fn wants_rootfs(&self) -> bool {
-        self.rootfs || self.name == AGENT_IMAGE || !self.with.is_empty()
+        self.rootfs || self.image_name() == AGENT_IMAGE || !self.with.is_empty()
     }
 }
 
-pub fn run(args: BuildImageArgs) -> Result<()> {
-    check_name(&args.name)?;
-    if args.wants_rootfs() && args.name == "default" {
-        bail!(
-            "the default image is the busybox one that the framework's own tests expect: \
-             build a root file system image under another name (`--name agent --with {}`)",
-            args.with.join(",")
-        );
+/// What [`run`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    /// The image's directory (`<out>/<name>`).
+    pub dir: PathBuf,
+    /// The image's content key (a hash of every input).
+    pub key: String,
+    /// True when the image was already up to date and nothing was written.
+    pub up_to_date: bool,
+}
+
+/// Builds the image `args` describes (or finds it up to date), reporting
+/// progress to `report`. The result lines (`image default built in 12.3s:
+/// ...`) are [`Event::Output`] events.
+pub fn run(mut args: BuildImageArgs, report: &dyn Fn(Event)) -> Result<Outcome, Error> {
+    if let Some(name) = args.name_arg.take() {
+        args.name = name;
     }
-    let root = workspace_root();
+    check_name(&args.name)?;
+    if args.wants_rootfs() && args.name == DEFAULT_IMAGE {
+        return Err(Error::RootfsForDefault {
+            with: args.with.join(","),
+        });
+    }
+    let source = SourceTree::new(args.source.as_deref());
+    // Needed by the steps below; checked first so a missing source tree is
+    // one clear error, not a failed cargo or file read.
+    let init_path = match &args.init {
+        Some(path) => path.clone(),
+        None => source.init_script()?,
+    };
+    if args.guest_bin.is_none() {
+        source.guest_crate()?;
+    }
+    let recipes_dir = if args.wants_rootfs() {
+        Some(source.recipes_dir()?)
+    } else {
+        None
+    };
+    Ok(build(
+        &args,
+        &source,
+        &init_path,
+        recipes_dir.as_deref(),
+        report,
+    )?)
+}
+
+fn build(
+    args: &BuildImageArgs,
+    source: &SourceTree,
+    init_path: &Path,
+    recipes_dir: Option<&Path>,
+    report: &dyn Fn(Event),
+) -> Result<Outcome> {
+    let root = source.root();
     let agentvm_dir = root.join("target").join("agentvm");
     let out_dir = args
         .out
@@ -159,11 +244,7 @@ pub fn run(args: BuildImageArgs) -> Result<()> {
         .cache
         .clone()
         .unwrap_or_else(|| agentvm_dir.join("cache"));
-    let init_path = args
-        .init
-        .clone()
-        .unwrap_or_else(|| root.join("images").join("init"));
-    let progress = Progress::new();
+    let progress = Progress::new(report);
 
     // 1. Inputs. Each step is cheap when nothing changed.
     let guest_bin = match &args.guest_bin {
@@ -179,7 +260,7 @@ pub fn run(args: BuildImageArgs) -> Result<()> {
                 guest::TARGET,
                 dir.display()
             ));
-            guest::build(&root, &dir)?
+            guest::build(root, &dir)?
         }
     };
     let guest_data =
@@ -195,8 +276,8 @@ pub fn run(args: BuildImageArgs) -> Result<()> {
         bb.applets.len()
     ));
 
-    let init = fs::read(&init_path)
-        .with_context(|| format!("read init script {}", init_path.display()))?;
+    let init =
+        fs::read(init_path).with_context(|| format!("read init script {}", init_path.display()))?;
     if !init.starts_with(b"#!") {
         bail!("{} must start with a #! line", init_path.display());
     }
@@ -227,8 +308,8 @@ pub fn run(args: BuildImageArgs) -> Result<()> {
         ));
     }
 
-    let rootfs_plan = if args.wants_rootfs() {
-        let recipes = recipe::load(&root.join("images").join("recipes"), &args.with)?;
+    let rootfs_plan = if let Some(recipes_dir) = recipes_dir {
+        let recipes = recipe::load(recipes_dir, &args.with)?;
         let mirror = match &args.mirror {
             Some(m) => m.trim_end_matches('/').to_string(),
             None => rootfs::host_mirror(rootfs::SUITE)?,
@@ -265,13 +346,17 @@ pub fn run(args: BuildImageArgs) -> Result<()> {
     // 2. Up to date?
     if !args.force {
         if let Some(m) = up_to_date(&out_dir, &key) {
-            println!(
+            progress.output(format!(
                 "image {} is up to date ({}, key {})",
                 args.name,
                 out_dir.display(),
                 &m.key[..16]
-            );
-            return Ok(());
+            ));
+            return Ok(Outcome {
+                dir: out_dir,
+                key,
+                up_to_date: true,
+            });
         }
     }
 
@@ -455,16 +540,16 @@ pub fn run(args: BuildImageArgs) -> Result<()> {
     };
     write_atomic(&manifest_path, m.to_json().as_bytes())?;
 
-    println!(
+    progress.output(format!(
         "image {} built in {:.1}s: {} (vmlinuz {:.1} MiB, initramfs {:.1} MiB)",
         args.name,
         progress.elapsed_secs(),
         out_dir.display(),
         mib(m.vmlinuz.size),
         mib(m.initramfs.size)
-    );
+    ));
     if let Some(r) = &m.rootfs {
-        println!(
+        progress.output(format!(
             "  rootfs: {} ({}, {:.1} MiB, {} Debian packages, agents [{}])",
             r.file,
             r.fs_type,
@@ -475,10 +560,14 @@ pub fn run(args: BuildImageArgs) -> Result<()> {
                 .map(|a| a.source.as_str())
                 .collect::<Vec<_>>()
                 .join(", ")
-        );
+        ));
     }
-    println!("  cmdline: {CMDLINE}");
-    Ok(())
+    progress.output(format!("  cmdline: {CMDLINE}"));
+    Ok(Outcome {
+        dir: out_dir,
+        key,
+        up_to_date: false,
+    })
 }
 
 /// Hard-links `from` to `to` (same file system: no copy of a large file),
@@ -519,14 +608,14 @@ fn up_to_date(dir: &Path, key: &str) -> Option<Manifest> {
     Some(m)
 }
 
-fn check_name(name: &str) -> Result<()> {
+fn check_name(name: &str) -> Result<(), Error> {
     if name.is_empty()
         || name.starts_with('.')
         || !name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
     {
-        bail!("bad image name {name:?}: use letters, digits, '-', '_' and '.'");
+        return Err(Error::InvalidName { name: name.into() });
     }
     Ok(())
 }
@@ -538,6 +627,54 @@ fn mib(n: u64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The errors a caller acts on come before any work: nothing is
+    /// reported, built or written.
+    #[test]
+    fn caller_errors_come_first() {
+        let events = std::cell::RefCell::new(Vec::new());
+        let sink = |e: Event| events.borrow_mut().push(e);
+        let tmp = tempfile::tempdir().unwrap();
+        let with_out = |mut args: BuildImageArgs| {
+            args.out = Some(tmp.path().join("images"));
+            args
+        };
+
+        let mut args = with_out(BuildImageArgs::defaults());
+        args.name_arg = Some("a/b".into());
+        let e = run(args, &sink).unwrap_err();
+        assert!(
+            matches!(&e, Error::InvalidName { name } if name == "a/b"),
+            "{e:?}"
+        );
+
+        let mut args = with_out(BuildImageArgs::defaults());
+        args.with = vec!["codex".into()];
+        let e = run(args, &sink).unwrap_err();
+        assert!(matches!(&e, Error::RootfsForDefault { .. }), "{e:?}");
+        assert!(e.to_string().contains("--name agent --with codex"), "{e}");
+
+        // A source tree without the init script, then without the guest crate.
+        let source = tmp.path().join("not-agentvm");
+        std::fs::create_dir_all(&source).unwrap();
+        let mut args = with_out(BuildImageArgs::defaults());
+        args.source = Some(source.clone());
+        let e = run(args.clone(), &sink).unwrap_err();
+        assert!(
+            matches!(&e, Error::SourceNotFound { path, .. } if path == &source.join("images/init")),
+            "{e:?}"
+        );
+        let init = tmp.path().join("init");
+        std::fs::write(&init, "#!/bin/sh\n").unwrap();
+        args.init = Some(init);
+        let e = run(args, &sink).unwrap_err();
+        assert!(
+            matches!(&e, Error::SourceNotFound { path, instead } if path == &source.join("agentvm-guest") && instead.contains("--guest-bin")),
+            "{e:?}"
+        );
+        assert_eq!(events.into_inner(), []);
+        assert!(!tmp.path().join("images").exists());
+    }
 
     #[test]
     fn image_names() {

@@ -21,7 +21,8 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::util::{require_tool, run_captured, sha256_hex, show_command, Progress};
+use crate::progress::Progress;
+use crate::util::{require_tool, run_captured, sha256_hex, show_command};
 
 /// Debian suite. Bookworm, because Aider needs Python ≤ 3.12 (bookworm has
 /// 3.11; trixie's 3.13 is too new) and its glibc 2.36 runs the native
@@ -77,7 +78,8 @@ rm -rf /usr/share/man /usr/share/info /var/log/*.log /var/log/apt
 "#;
 
 /// How the root file system is packed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum RootfsFormat {
     /// erofs, lz4hc-compressed (`mkfs.erofs` from erofs-utils).
@@ -333,7 +335,7 @@ pub fn build(
     inputs: &RootfsInputs,
     recipes: &[super::recipe::Recipe],
     cache: &Path,
-    progress: &Progress,
+    progress: &Progress<'_>,
 ) -> Result<(PathBuf, RootfsInfo)> {
     let key = inputs.key();
     let (image, info_path) = cached_paths(cache, &key, inputs.format);

@@ -5,7 +5,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-use super::elf;
+use crate::elf;
 use crate::util::show_command;
 
 pub const TARGET: &str = "x86_64-unknown-linux-gnu";
