@@ -1,5 +1,7 @@
 //! The end-of-run report: a table on stderr, `<artifacts_dir>/report.json`
-//! and `<artifacts_dir>/junit.xml` (JUnit XML for CI systems).
+//! (also kept as `<artifacts_dir>/suites/<suite>.json`, one per test binary,
+//! which `report.html` is built from) and `<artifacts_dir>/junit.xml` (JUnit
+//! XML for CI systems).
 //!
 //! Failure messages are redacted by the harness before they get here.
 
@@ -57,11 +59,93 @@ pub struct TestRecord {
     pub anomalies: Vec<Anomaly>,
     /// Why it failed, or why it was ignored (redacted).
     pub message: Option<String>,
+    /// When the test started waiting for its VM, seconds after the run started.
+    pub start_seconds: Option<f64>,
+    /// Where its time went, in order (for the report's timeline).
+    pub phases: Vec<Phase>,
+    /// Its agent runs: what ran on which task, and the run record.
+    pub runs: Vec<RunRecord>,
+    /// Its artifacts directory, relative to the artifacts directory, when
+    /// it was kept.
+    pub artifacts: Option<String>,
+    /// Snapshot assertions that failed, with their diffs.
+    pub snapshot_diffs: Vec<SnapshotDiff>,
+}
+
+/// A snapshot assertion that failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SnapshotDiff {
+    /// The snapshot's name.
+    pub name: String,
+    /// Unified diff, stored snapshot → new one (secrets redacted).
+    pub diff: String,
+}
+
+/// A step of a test, for the timeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PhaseKind {
+    /// Waiting for a VM from the pool.
+    Acquire,
+    /// Copying the agent, its task and fixtures into the guest.
+    Inject,
+    /// The agent running.
+    Run,
+    /// Collecting the workspace changes and the model transcript.
+    Capture,
+    /// Reverting the VM to its golden snapshot after the test.
+    Revert,
+}
+
+/// One step of a test.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Phase {
+    /// Which step.
+    pub phase: PhaseKind,
+    /// When it started, seconds after the test started.
+    pub start_seconds: f64,
+    /// How long it took, seconds.
+    pub seconds: f64,
+}
+
+/// One agent run of a test, as the report shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RunRecord {
+    /// The agent's name (its program's file name).
+    pub agent: String,
+    /// The command line it ran with (secrets redacted).
+    pub argv: Vec<String>,
+    /// The task's prompt (secrets redacted).
+    pub prompt: Option<String>,
+    /// Files the task put into the workspace.
+    pub task_files: Vec<String>,
+    /// The [`AgentRun`](crate::AgentRun) as in `run.json`.
+    pub run: serde_json::Value,
+}
+
+/// The timed steps `marks` (kind, start, end) of a test that started at
+/// `test_start`, as offsets from it, in order of their start.
+pub fn phases_since(
+    test_start: std::time::Instant,
+    marks: &[(PhaseKind, std::time::Instant, std::time::Instant)],
+) -> Vec<Phase> {
+    let mut phases: Vec<Phase> = marks
+        .iter()
+        .map(|&(phase, start, end)| Phase {
+            phase,
+            start_seconds: start.saturating_duration_since(test_start).as_secs_f64(),
+            seconds: end.saturating_duration_since(start).as_secs_f64(),
+        })
+        .collect();
+    phases.sort_by(|a, b| a.start_seconds.total_cmp(&b.start_seconds));
+    phases
 }
 
 /// The whole run.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
+    /// The test binary (`agents` for `tests/agents.rs`).
+    pub suite: String,
     /// When the run started (RFC 3339 UTC).
     pub started: String,
     /// Wall time of the run, seconds.
@@ -79,11 +163,17 @@ pub struct Report {
 }
 
 impl Report {
-    /// The report of `tests` (sorted by name here).
-    pub fn new(started: SystemTime, duration: Duration, mut tests: Vec<TestRecord>) -> Self {
+    /// The report of the run of `suite`'s `tests` (sorted by name here).
+    pub fn new(
+        suite: &str,
+        started: SystemTime,
+        duration: Duration,
+        mut tests: Vec<TestRecord>,
+    ) -> Self {
         tests.sort_by(|a, b| a.name.cmp(&b.name));
         let count = |kind| tests.iter().filter(|t| t.result == kind).count();
         Self {
+            suite: suite.to_string(),
             started: agentvm_runtime::events::rfc3339(started),
             duration_seconds: duration.as_secs_f64(),
             passed: count(TestResultKind::Passed),
@@ -292,6 +382,25 @@ pub fn xml_escape(text: &str) -> String {
     out
 }
 
+/// `name` usable as a file name: characters other than ASCII letters,
+/// digits, `-`, `_` and `.` become `_` (a leading `.` too).
+pub fn file_safe(name: &str) -> String {
+    let mut out: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if out.is_empty() || out.starts_with('.') {
+        out.insert(0, '_');
+    }
+    out
+}
+
 /// Writes `data` to `path` through a temporary file and a rename (creating
 /// the directory), so that readers never see half a file.
 pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
@@ -319,6 +428,11 @@ mod tests {
             agent_runs: 1,
             anomalies: Vec::new(),
             message: None,
+            start_seconds: Some(0.0),
+            phases: Vec::new(),
+            runs: Vec::new(),
+            artifacts: None,
+            snapshot_diffs: Vec::new(),
         }
     }
 
@@ -333,10 +447,41 @@ mod tests {
         let mut ignored = record("suite::c", TestResultKind::Ignored);
         ignored.message = Some("needs a real VM".into());
         Report::new(
+            "agents",
             SystemTime::UNIX_EPOCH,
             Duration::from_secs(3),
             vec![ignored, failed, record("suite::a", TestResultKind::Passed)],
         )
+    }
+
+    #[test]
+    fn phases_are_offsets_in_start_order() {
+        let t0 = std::time::Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let phases = phases_since(
+            t0,
+            &[
+                (PhaseKind::Revert, at(900), at(1000)),
+                (PhaseKind::Acquire, t0, at(100)),
+                (PhaseKind::Run, at(150), at(800)),
+            ],
+        );
+        let kinds: Vec<PhaseKind> = phases.iter().map(|p| p.phase).collect();
+        assert_eq!(
+            kinds,
+            [PhaseKind::Acquire, PhaseKind::Run, PhaseKind::Revert]
+        );
+        assert!((phases[1].start_seconds - 0.15).abs() < 1e-9);
+        assert!((phases[1].seconds - 0.65).abs() < 1e-9);
+        let json = serde_json::to_value(phases[2]).unwrap();
+        assert_eq!(json["phase"], "revert");
+    }
+
+    #[test]
+    fn file_names_are_safe() {
+        assert_eq!(file_safe("agents"), "agents");
+        assert_eq!(file_safe("../x y"), "_.._x_y");
+        assert_eq!(file_safe(""), "_");
     }
 
     #[test]
