@@ -1,5 +1,6 @@
 //! `agentvm`: run a command in a throwaway VM (`exec`), open a shell in one
-//! (`shell`), or check that this host can run VMs (`doctor`).
+//! (`shell`), check that this host can run VMs (`doctor`), or rebuild a
+//! suite run's HTML report from its artifacts (`report`).
 #![forbid(unsafe_code)]
 
 mod doctor;
@@ -62,13 +63,22 @@ enum Command {
         #[arg(long)]
         boot: bool,
     },
+    /// Rebuild DIR/report.html from a suite run's artifacts and print its path.
+    Report {
+        /// The artifacts directory (default: the configured `artifacts_dir`,
+        /// target/agentvm).
+        dir: Option<std::path::PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Report { dir } = &cli.command {
+        return report(dir.clone());
+    }
     let verbose = match &cli.command {
         Command::Exec { vm, .. } | Command::Shell { vm } => vm.verbose,
-        Command::Doctor { .. } => false,
+        Command::Doctor { .. } | Command::Report { .. } => false,
     };
     init_logging(verbose);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -90,12 +100,37 @@ fn main() -> ExitCode {
             } => session::exec(&vm, timeout.as_deref(), command).await,
             Command::Shell { vm } => session::shell(&vm).await,
             Command::Doctor { boot } => doctor::run(boot).await,
+            Command::Report { .. } => unreachable!("handled before the runtime starts"),
         }
     });
     match result {
         Ok(code) => code,
         Err(e) => {
             eprintln!("agentvm: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `agentvm report [DIR]`: writes DIR/report.html and prints its path.
+fn report(dir: Option<std::path::PathBuf>) -> ExitCode {
+    let dir = match dir {
+        Some(dir) => dir,
+        None => match agentvm_runtime::config::AgentVmConfig::load() {
+            Ok(config) => config.artifacts_dir,
+            Err(e) => {
+                eprintln!("agentvm: configuration error: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    match agentvm_report::write_report(&dir) {
+        Ok(path) => {
+            println!("{}", path.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("agentvm: {e}");
             ExitCode::FAILURE
         }
     }
