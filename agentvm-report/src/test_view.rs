@@ -514,6 +514,21 @@ mod tests {
     }
 
     #[test]
+    fn binary_output_is_escaped_and_named() {
+        let html = output(
+            "\u{7f}ELF\u{2}\u{1}\u{0}\u{0}\u{fffd}\u{fffd}<",
+            ("f", "./f".into()),
+        )
+        .into_string();
+        assert!(html.contains("Binary output (15 B)"), "{html}");
+        assert!(
+            html.contains("<span class=\"ctl\">\\x7f</span>ELF<span class=\"ctl\">\\x02</span>"),
+            "{html}"
+        );
+        assert!(html.contains("\u{fffd}\u{fffd}&lt;"), "{html}");
+    }
+
+    #[test]
     fn output_without_kept_artifacts_links_the_suite_file() {
         let (suite, mut test) = hostile_test();
         test.artifacts = None;
