@@ -461,11 +461,14 @@ impl Harness {
             eprintln!("{MOCK_WARNING}");
         }
         let dir = &config.artifacts_dir;
-        let json = report.to_json();
         let suite_file = format!("suites/{}.json", crate::report::file_safe(&suite));
+        // Under cargo-nextest the run's other processes wrote their tests there.
+        let lock = crate::report::FileLock::acquire(&dir.join(format!("{suite_file}.lock")));
+        let earlier = std::fs::read_to_string(dir.join(&suite_file)).ok();
+        let json = report.merged_json(earlier.as_deref());
         let files = [
-            ("report.json", json.clone()),
-            (suite_file.as_str(), json),
+            (suite_file.as_str(), json.clone()),
+            ("report.json", json),
             ("junit.xml", report.junit_xml(&suite)),
         ];
         for (file, text) in files {
@@ -479,6 +482,7 @@ impl Harness {
             dir.join("junit.xml").display(),
             config.audit_log_path().display()
         );
+        drop(lock);
         match agentvm_report::write_report(dir) {
             Ok(path) => eprintln!("agentvm: HTML report {}", path.display()),
             Err(e) => eprintln!("agentvm: cannot write the HTML report: {e}"),

@@ -146,6 +146,12 @@ pub fn phases_since(
 pub struct Report {
     /// The test binary (`agents` for `tests/agents.rs`).
     pub suite: String,
+    /// The run this process is part of when a run is made of several
+    /// processes: cargo-nextest runs one process per test and gives them
+    /// one `NEXTEST_RUN_ID`. Reports of the same run are merged
+    /// ([`Report::merged_json`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub run_id: Option<String>,
     /// When the run started (RFC 3339 UTC).
     pub started: String,
     /// Wall time of the run, seconds.
@@ -174,6 +180,9 @@ impl Report {
         let count = |kind| tests.iter().filter(|t| t.result == kind).count();
         Self {
             suite: suite.to_string(),
+            run_id: std::env::var("NEXTEST_RUN_ID")
+                .ok()
+                .filter(|id| !id.is_empty()),
             started: agentvm_runtime::events::rfc3339(started),
             duration_seconds: duration.as_secs_f64(),
             passed: count(TestResultKind::Passed),
@@ -187,6 +196,67 @@ impl Report {
     /// `report.json`'s text.
     pub fn to_json(&self) -> String {
         serde_json::to_string_pretty(self).expect("a report serializes")
+    }
+
+    /// The report's JSON merged with `earlier`, the text of the suite's
+    /// report written before, when that belongs to the same run (same
+    /// `run_id`; under cargo-nextest every test is its own process): its
+    /// tests that this process did not run are kept, with the start times
+    /// of both moved onto the earlier of the two starts, and the counts and
+    /// duration cover both. Otherwise this report alone.
+    pub fn merged_json(&self, earlier: Option<&str>) -> String {
+        let mine = serde_json::to_value(self).expect("a report serializes");
+        let earlier: Option<serde_json::Value> = earlier.and_then(|t| serde_json::from_str(t).ok());
+        let (Some(run_id), Some(earlier)) = (&self.run_id, earlier) else {
+            return self.to_json();
+        };
+        if earlier["run_id"].as_str() != Some(run_id.as_str()) {
+            return self.to_json();
+        }
+        let start = |report: &serde_json::Value| {
+            report["started"]
+                .as_str()
+                .and_then(|s| humantime::parse_rfc3339(s).ok())
+        };
+        let (Some(mine_at), Some(earlier_at)) = (start(&mine), start(&earlier)) else {
+            return self.to_json();
+        };
+        let origin = mine_at.min(earlier_at);
+        let offset = |at: SystemTime| at.duration_since(origin).unwrap_or_default().as_secs_f64();
+        let end = |report: &serde_json::Value, at: SystemTime| {
+            offset(at) + report["duration_seconds"].as_f64().unwrap_or(0.0)
+        };
+        let shifted = |report: &serde_json::Value, at: SystemTime| -> Vec<serde_json::Value> {
+            let by = offset(at);
+            let mut tests = report["tests"].as_array().cloned().unwrap_or_default();
+            for test in &mut tests {
+                if let Some(s) = test["start_seconds"].as_f64() {
+                    test["start_seconds"] = serde_json::json!(s + by);
+                }
+            }
+            tests
+        };
+        let mut tests = shifted(&mine, mine_at);
+        for test in shifted(&earlier, earlier_at) {
+            if !tests.iter().any(|t| t["name"] == test["name"]) {
+                tests.push(test);
+            }
+        }
+        tests.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+        let count = |result: &str| tests.iter().filter(|t| t["result"] == result).count();
+        let mut merged = mine.clone();
+        merged["started"] = serde_json::json!(agentvm_runtime::events::rfc3339(origin));
+        merged["duration_seconds"] =
+            serde_json::json!(end(&mine, mine_at).max(end(&earlier, earlier_at)));
+        merged["passed"] = serde_json::json!(count("passed"));
+        merged["failed"] = serde_json::json!(count("failed"));
+        merged["ignored"] = serde_json::json!(count("ignored"));
+        merged["anomalies"] = serde_json::json!(tests
+            .iter()
+            .map(|t| t["anomalies"].as_array().map_or(0, Vec::len))
+            .sum::<usize>());
+        merged["tests"] = serde_json::Value::Array(tests);
+        serde_json::to_string_pretty(&merged).expect("a report serializes")
     }
 
     /// The summary table (for stderr).
@@ -401,6 +471,61 @@ pub fn file_safe(name: &str) -> String {
     out
 }
 
+/// A lock file held while a process reads and rewrites a suite report
+/// (processes of one nextest run finish at the same time). Created
+/// exclusively; removed on drop. A lock older than [`FileLock::STALE`]
+/// (its process died) is taken over.
+#[derive(Debug)]
+pub struct FileLock {
+    path: Option<std::path::PathBuf>,
+}
+
+impl FileLock {
+    /// How long a lock may be held before others take it over.
+    pub const STALE: Duration = Duration::from_secs(10);
+
+    /// Waits for the lock at `path` (at most [`FileLock::STALE`]); without
+    /// one (say, a read-only directory) the caller goes on unlocked.
+    pub fn acquire(path: &Path) -> Self {
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let started = std::time::Instant::now();
+        loop {
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(path)
+            {
+                Ok(_) => {
+                    return Self {
+                        path: Some(path.to_path_buf()),
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let age = std::fs::metadata(path)
+                        .and_then(|m| m.modified())
+                        .ok()
+                        .and_then(|m| m.elapsed().ok());
+                    if age.is_some_and(|a| a > Self::STALE) || started.elapsed() > Self::STALE {
+                        let _ = std::fs::remove_file(path);
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(_) => return Self { path: None },
+            }
+        }
+    }
+}
+
+impl Drop for FileLock {
+    fn drop(&mut self) {
+        if let Some(path) = &self.path {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
 /// Writes `data` to `path` through a temporary file and a rename (creating
 /// the directory), so that readers never see half a file.
 pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
@@ -475,6 +600,78 @@ mod tests {
         assert!((phases[1].seconds - 0.65).abs() < 1e-9);
         let json = serde_json::to_value(phases[2]).unwrap();
         assert_eq!(json["phase"], "revert");
+    }
+
+    #[test]
+    fn reports_of_one_nextest_run_merge() {
+        let at = |s| SystemTime::UNIX_EPOCH + Duration::from_secs(s);
+        let mut first = Report::new(
+            "agents",
+            at(100),
+            Duration::from_secs(3),
+            vec![
+                record("suite::a", TestResultKind::Passed),
+                record("suite::b", TestResultKind::Failed),
+            ],
+        );
+        first.run_id = Some("run-1".into());
+        let mut second = Report::new(
+            "agents",
+            at(102),
+            Duration::from_secs(4),
+            vec![
+                record("suite::b", TestResultKind::Passed),
+                record("suite::c", TestResultKind::Passed),
+            ],
+        );
+        second.run_id = Some("run-1".into());
+        let merged: serde_json::Value =
+            serde_json::from_str(&second.merged_json(Some(&first.to_json()))).unwrap();
+        let names: Vec<&str> = merged["tests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["suite::a", "suite::b", "suite::c"]);
+        // This process's own result of b wins; its tests start 2 s later.
+        assert_eq!(merged["tests"][1]["result"], "passed");
+        assert_eq!(merged["tests"][0]["start_seconds"], 0.0);
+        assert_eq!(merged["tests"][2]["start_seconds"], 2.0);
+        assert_eq!(merged["started"], "1970-01-01T00:01:40.000Z");
+        assert_eq!(merged["duration_seconds"], 6.0);
+        assert_eq!(
+            (merged["passed"].as_u64(), merged["failed"].as_u64()),
+            (Some(3), Some(0))
+        );
+        // Another run (or none) replaces the file.
+        second.run_id = Some("run-2".into());
+        let alone: serde_json::Value =
+            serde_json::from_str(&second.merged_json(Some(&first.to_json()))).unwrap();
+        assert_eq!(alone["tests"].as_array().unwrap().len(), 2);
+        second.run_id = None;
+        assert_eq!(second.merged_json(Some(&first.to_json())), second.to_json());
+    }
+
+    #[test]
+    fn the_lock_is_exclusive_and_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("suites/x.json.lock");
+        let lock = FileLock::acquire(&path);
+        assert!(path.exists());
+        let waiter = {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                let started = std::time::Instant::now();
+                let _second = FileLock::acquire(&path);
+                started.elapsed()
+            })
+        };
+        std::thread::sleep(Duration::from_millis(200));
+        drop(lock);
+        let waited = waiter.join().unwrap();
+        assert!(waited >= Duration::from_millis(150), "{waited:?}");
+        assert!(!path.exists());
     }
 
     #[test]
