@@ -42,7 +42,9 @@
 //!
 //! Under `cargo nextest run` each test runs in its own process, which boots
 //! its own VM (a pool of at most one VM, as only one test is selected); the
-//! report files then describe the last process's test only (the audit log is
+//! processes of one run (same `NEXTEST_RUN_ID`) merge their tests into the
+//! suite's report, so `report.json` and `report.html` cover the run
+//! (`junit.xml` describes the last process's test; the audit log is
 //! appended to by all).
 
 use std::collections::HashMap;
