@@ -37,6 +37,9 @@ if ! command -v npm >/dev/null; then
     $SUDO apt-get install -y -qq --no-install-recommends nodejs npm
 fi
 
+# Headless Chromium: `cargo xtask report-check` loads the HTML report in it.
+$SUDO apt-get install -y -qq --no-install-recommends chromium
+
 # QEMU runs as this unprivileged user when the harness runs as root
 # (agentvm-runtime's qemu::jail); idempotent.
 if [ "$(id -u)" -eq 0 ] && ! id agentvm-qemu >/dev/null 2>&1; then

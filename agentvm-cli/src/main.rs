@@ -1,6 +1,7 @@
 //! `agentvm`: run a command in a throwaway VM (`exec`), open a shell in one
 //! (`shell`), check that this host can run VMs (`doctor`), build a guest
-//! image (`image build`), set up the libvirt network (`setup-network`).
+//! image (`image build`), set up the libvirt network (`setup-network`), or
+//! rebuild a suite run's HTML report from its artifacts (`report`).
 #![forbid(unsafe_code)]
 
 mod doctor;
@@ -73,6 +74,12 @@ enum Command {
     /// Define and start the libvirt network `agentvm-nat` and nwfilter
     /// `agentvm-egress` used by `network = "nat-filtered"` (idempotent).
     SetupNetwork(agentvm_image::SetupNetworkArgs),
+    /// Rebuild DIR/report.html from a suite run's artifacts and print its path.
+    Report {
+        /// The artifacts directory (default: the configured `artifacts_dir`,
+        /// target/agentvm).
+        dir: Option<std::path::PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -87,7 +94,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let verbose = match &cli.command {
         Command::Exec { vm, .. } | Command::Shell { vm } => vm.verbose,
-        Command::Doctor { .. } | Command::Image { .. } | Command::SetupNetwork(_) => false,
+        Command::Doctor { .. }
+        | Command::Image { .. }
+        | Command::SetupNetwork(_)
+        | Command::Report { .. } => false,
     };
     init_logging(verbose);
     let result = match cli.command {
@@ -102,6 +112,7 @@ fn main() -> ExitCode {
             command: ImageCommand::Build(args),
         } => image::build(*args),
         Command::SetupNetwork(args) => image::setup_network(&args),
+        Command::Report { dir } => report(dir),
     };
     finish(result)
 }
@@ -125,6 +136,21 @@ fn finish(result: anyhow::Result<ExitCode>) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `agentvm report [DIR]`: writes DIR/report.html and prints its path.
+fn report(dir: Option<std::path::PathBuf>) -> anyhow::Result<ExitCode> {
+    let dir = match dir {
+        Some(dir) => dir,
+        None => {
+            agentvm_runtime::config::AgentVmConfig::load()
+                .context("configuration error")?
+                .artifacts_dir
+        }
+    };
+    let path = agentvm_report::write_report(&dir)?;
+    println!("{}", path.display());
+    Ok(ExitCode::SUCCESS)
 }
 
 fn init_logging(verbose: bool) {

@@ -2,12 +2,26 @@
 //! artifacts, and the configured default timeout.
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use agentvm_runtime::spec::NetworkMode;
 
 use crate::redact::Secrets;
+use crate::report::PhaseKind;
 use crate::run::AgentRun;
+
+/// What an agent run was given, for the report.
+#[derive(Debug, Clone)]
+pub(crate) struct RunInfo {
+    /// The program's file name.
+    pub agent: String,
+    /// Its command line, secrets redacted.
+    pub argv: Vec<String>,
+    /// The task's prompt, secrets redacted.
+    pub prompt: Option<String>,
+    /// Workspace files the task brought.
+    pub task_files: Vec<String>,
+}
 
 /// What one test recorded.
 #[derive(Debug)]
@@ -20,6 +34,12 @@ pub(crate) struct TestContext {
     pub exec_timeout: Duration,
     /// Every agent run of the test, in order.
     pub runs: Vec<AgentRun>,
+    /// What each of `runs` was given (same order).
+    pub infos: Vec<RunInfo>,
+    /// Snapshot assertions that failed: name and diff (stored → new).
+    pub snapshot_diffs: Vec<(String, String)>,
+    /// Steps timed inside the test body (inject, run, capture of each agent run).
+    pub phases: Vec<(PhaseKind, Instant, Instant)>,
     /// Every secret the test's agents used.
     pub secrets: Secrets,
     /// The test's network mode (its VM may be attached differently: see
@@ -43,10 +63,24 @@ impl TestContext {
             vm: String::new(),
             exec_timeout,
             runs: Vec::new(),
+            infos: Vec::new(),
+            phases: Vec::new(),
+            snapshot_diffs: Vec::new(),
             secrets: Secrets::new(),
             network: NetworkMode::default(),
             allow: Vec::new(),
         }))
+    }
+}
+
+/// Records a timed step of the current test, if under the harness.
+pub(crate) fn record_phase(context: Option<&SharedContext>, kind: PhaseKind, started: Instant) {
+    if let Some(context) = context {
+        context
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .phases
+            .push((kind, started, Instant::now()));
     }
 }
 

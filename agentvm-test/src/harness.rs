@@ -35,11 +35,16 @@
 //!   [anomalies](crate::anomaly) (kept in `anomalies.json` with the
 //!   artifacts, which are then kept; kinds in `fail_on` fail the test); at
 //!   the end a summary table goes to stderr and the [report](crate::report)
-//!   to `<artifacts_dir>/report.json` and `<artifacts_dir>/junit.xml`.
+//!   to `<artifacts_dir>/report.json` (also `suites/<suite>.json`, with each
+//!   test's phases and agent runs) and `<artifacts_dir>/junit.xml`, and the
+//!   HTML report of every suite in `suites/` to `<artifacts_dir>/report.html`
+//!   ([`agentvm_report`]).
 //!
 //! Under `cargo nextest run` each test runs in its own process, which boots
 //! its own VM (a pool of at most one VM, as only one test is selected); the
-//! report files then describe the last process's test only (the audit log is
+//! processes of one run (same `NEXTEST_RUN_ID`) merge their tests into the
+//! suite's report, so `report.json` and `report.html` cover the run
+//! (`junit.xml` describes the last process's test; the audit log is
 //! appended to by all).
 
 use std::collections::HashMap;
@@ -62,7 +67,7 @@ use crate::audit::AuditLog;
 use crate::context::{self, SharedContext, TestContext};
 use crate::redact::Secrets;
 use crate::registry::{self, TestCase};
-use crate::report::{Report, TestRecord, TestResultKind};
+use crate::report::{PhaseKind, Report, RunRecord, TestRecord, TestResultKind};
 use crate::run::AgentRun;
 use crate::vm_ext::VmExt;
 
@@ -153,6 +158,7 @@ pub fn run_tests(mut args: Arguments, tests: &[&'static TestCase]) -> i32 {
         planned,
         keep_artifacts: keep_artifacts(),
         records: Mutex::new(Vec::new()),
+        run_started: started,
         baseline: Mutex::new(baseline),
         subscriptions: Mutex::new(Vec::new()),
     });
@@ -197,6 +203,11 @@ pub fn run_tests(mut args: Arguments, tests: &[&'static TestCase]) -> i32 {
                     agent_runs: 0,
                     anomalies: Vec::new(),
                     message: case.config.ignore.flatten().map(str::to_string),
+                    start_seconds: None,
+                    phases: Vec::new(),
+                    runs: Vec::new(),
+                    artifacts: None,
+                    snapshot_diffs: Vec::new(),
                 });
             }
         }
@@ -334,6 +345,8 @@ struct Harness {
     keep_artifacts: bool,
     /// Every test that ran, for the report.
     records: Mutex<Vec<TestRecord>>,
+    /// When the run started (the timeline's origin).
+    run_started: Instant,
     /// Earlier runs' samples, for the anomaly statistics.
     baseline: Mutex<Baseline>,
     /// The audit log and metrics, registered for the whole run.
@@ -353,6 +366,10 @@ struct VmOutcome {
     release: Option<String>,
     /// What the anomaly rules compare the test's agent runs with.
     limits: RuleLimits,
+    /// When the test started waiting for its VM, and the harness's timed
+    /// steps (acquire, fixtures, revert).
+    started: Option<Instant>,
+    phases: Vec<(PhaseKind, Instant, Instant)>,
 }
 
 impl VmOutcome {
@@ -366,6 +383,8 @@ impl VmOutcome {
             revert: None,
             release: None,
             limits: RuleLimits::default(),
+            started: None,
+            phases: Vec::new(),
         }
     }
 }
@@ -463,15 +482,22 @@ impl Harness {
         if records.is_empty() {
             return;
         }
-        let report = Report::new(started_at, duration, records);
+        let suite = suite_name();
+        let report = Report::new(&suite, started_at, duration, records);
         eprint!("\nagentvm report:\n{}", report.table());
         if config.backend == BackendKind::Mock {
             eprintln!("{MOCK_WARNING}");
         }
         let dir = &config.artifacts_dir;
+        let suite_file = format!("suites/{}.json", crate::report::file_safe(&suite));
+        // Under cargo-nextest the run's other processes wrote their tests there.
+        let lock = crate::report::FileLock::acquire(&dir.join(format!("{suite_file}.lock")));
+        let earlier = std::fs::read_to_string(dir.join(&suite_file)).ok();
+        let json = report.merged_json(earlier.as_deref());
         let files = [
-            ("report.json", report.to_json()),
-            ("junit.xml", report.junit_xml(&suite_name())),
+            (suite_file.as_str(), json.clone()),
+            ("report.json", json),
+            ("junit.xml", report.junit_xml(&suite)),
         ];
         for (file, text) in files {
             if let Err(e) = crate::report::write_atomic(&dir.join(file), text.as_bytes()) {
@@ -484,6 +510,11 @@ impl Harness {
             dir.join("junit.xml").display(),
             config.audit_log_path().display()
         );
+        drop(lock);
+        match agentvm_report::write_report(dir) {
+            Ok(path) => eprintln!("agentvm: HTML report {}", path.display()),
+            Err(e) => eprintln!("agentvm: cannot write the HTML report: {e}"),
+        }
         let baseline = self.baseline.lock().unwrap_or_else(|e| e.into_inner());
         if let Err(e) = baseline.save(&baseline_path(config)) {
             eprintln!("agentvm: cannot write the anomaly baseline: {e}");
@@ -549,6 +580,7 @@ impl Harness {
                 None => message,
             });
         }
+        let keeps_artifacts = failure.is_some() || self.keep_artifacts || !anomalies.is_empty();
         emit(Event::TestFinished {
             test: name.clone(),
             result: if failure.is_some() {
@@ -581,8 +613,41 @@ impl Harness {
                 agent_runs: context.runs.len(),
                 anomalies: anomalies.clone(),
                 message: failure.clone(),
+                start_seconds: outcome
+                    .started
+                    .map(|s| s.saturating_duration_since(self.run_started).as_secs_f64()),
+                phases: outcome.started.map_or_else(Vec::new, |start| {
+                    let marks: Vec<_> = outcome
+                        .phases
+                        .iter()
+                        .chain(&context.phases)
+                        .copied()
+                        .collect();
+                    crate::report::phases_since(start, &marks)
+                }),
+                runs: context
+                    .runs
+                    .iter()
+                    .zip(&context.infos)
+                    .map(|(run, info)| RunRecord {
+                        agent: info.agent.clone(),
+                        argv: info.argv.clone(),
+                        prompt: info.prompt.clone(),
+                        task_files: info.task_files.clone(),
+                        run: serde_json::to_value(run).unwrap_or_default(),
+                    })
+                    .collect(),
+                artifacts: keeps_artifacts.then(|| artifacts.relative_name()),
+                snapshot_diffs: context
+                    .snapshot_diffs
+                    .iter()
+                    .map(|(name, diff)| crate::report::SnapshotDiff {
+                        name: name.clone(),
+                        diff: diff.clone(),
+                    })
+                    .collect(),
             });
-        if failure.is_some() || self.keep_artifacts || !anomalies.is_empty() {
+        if keeps_artifacts {
             let written = artifacts.write(
                 &context.runs,
                 failure.as_deref(),
@@ -626,11 +691,13 @@ impl Harness {
             Ok(pool) => pool,
             Err(e) => return failed(e),
         };
+        let acquire_started = Instant::now();
         let mut lease = match pool.acquire(config.acquire_timeout).await {
             Ok(lease) => lease,
             Err(e) => return failed(format!("could not get a VM ({}): {e}", shape.key)),
         };
         let acquire = lease.waited();
+        let mut phases = vec![(PhaseKind::Acquire, acquire_started, Instant::now())];
         let vm_id = lease.id().to_string();
         {
             let mut context = context.lock().unwrap_or_else(|e| e.into_inner());
@@ -650,6 +717,7 @@ impl Harness {
         let result = {
             let vm: &mut agentvm_runtime::vm::Vm = &mut lease;
             let body = async move {
+                let inject_started = Instant::now();
                 for fixture in case.config.fixtures {
                     vm.copy_dir_into_workspace(Path::new(fixture), "")
                         .await
@@ -659,6 +727,11 @@ impl Harness {
                     vm.reset_workspace_baseline()
                         .await
                         .map_err(|e| format!("recording the workspace baseline: {e}"))?;
+                    context::record_phase(
+                        context::current().as_ref(),
+                        PhaseKind::Inject,
+                        inject_started,
+                    );
                 }
                 (case.run)(vm).await.map_err(|failure| failure.to_string())
             };
@@ -685,11 +758,13 @@ impl Harness {
         } else {
             None
         };
+        let release_started = Instant::now();
         let release = lease.release();
         let mut revert_time = None;
         let revert = match tokio::time::timeout(RELEASE_WAIT, release).await {
             Ok(Ok(ReleaseOutcome::Reverted(timings))) => {
                 revert_time = Some(timings.total);
+                phases.push((PhaseKind::Revert, release_started, Instant::now()));
                 format!("revert {}", fmt_duration(timings.total))
             }
             Ok(Ok(ReleaseOutcome::Recycled)) => "recycled".to_string(),
@@ -713,6 +788,8 @@ impl Harness {
             revert: revert_time,
             release: Some(revert),
             limits: RuleLimits::of(shape.profile, &shape.network, config.process_limit),
+            started: Some(acquire_started),
+            phases,
         }
     }
 
@@ -847,6 +924,14 @@ impl Artifacts {
         Self {
             dir: root.join(name),
         }
+    }
+
+    /// The directory's name (relative to the artifacts directory).
+    fn relative_name(&self) -> String {
+        self.dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
     }
 
     fn clear(&self) {

@@ -21,6 +21,7 @@
 ///   (`/tmp/tmp.XXXXXX`) → `[mktemp]`.
 pub fn settings() -> insta::Settings {
     let mut settings = insta::Settings::clone_current();
+    settings.set_comparator(Box::new(RecordingComparator));
     settings.add_redaction(".duration", "[duration]");
     settings.add_redaction(".network[].duration", "[duration]");
     settings.add_redaction(".network[].bytes_up", "[bytes]");
@@ -61,6 +62,54 @@ pub fn redacting_hashes<R>(f: impl FnOnce() -> R) -> R {
     settings_redacting_hashes().bind(f)
 }
 
+/// insta's default comparison, which also records the diff of a snapshot
+/// that does not match (stored → new) for the test's HTML report.
+struct RecordingComparator;
+
+impl insta::Comparator for RecordingComparator {
+    fn matches(&self, reference: &insta::Snapshot, test: &insta::Snapshot) -> bool {
+        let matches = insta::DefaultComparator.matches(reference, test);
+        if !matches {
+            record_diff(reference, test);
+        }
+        matches
+    }
+
+    fn matches_fully(&self, reference: &insta::Snapshot, test: &insta::Snapshot) -> bool {
+        let matches = insta::DefaultComparator.matches_fully(reference, test);
+        if !matches {
+            record_diff(reference, test);
+        }
+        matches
+    }
+
+    fn dyn_clone(&self) -> Box<dyn insta::Comparator> {
+        Box::new(RecordingComparator)
+    }
+}
+
+/// Keeps the diff of two text snapshots in the current test's context.
+fn record_diff(reference: &insta::Snapshot, test: &insta::Snapshot) {
+    let (Some(old), Some(new)) = (reference.contents().as_text(), test.contents().as_text()) else {
+        return;
+    };
+    let Some(context) = crate::context::current() else {
+        return;
+    };
+    let name = test
+        .snapshot_name()
+        .or(reference.snapshot_name())
+        .unwrap_or("unnamed snapshot")
+        .to_string();
+    let diff = crate::run::unified_diff(&format!("{old}\n"), &format!("{new}\n"));
+    let mut context = context.lock().unwrap_or_else(|e| e.into_inner());
+    let diff = context.secrets.redact(&diff).into_owned();
+    // insta compares twice (normalised, then fully): keep one per snapshot.
+    if !context.snapshot_diffs.iter().any(|(n, _)| *n == name) {
+        context.snapshot_diffs.push((name, diff));
+    }
+}
+
 fn regex_escape(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
@@ -99,6 +148,45 @@ macro_rules! assert_agent_snapshot {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_differing_snapshot_records_its_diff_for_the_report() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("cmp.snap"),
+            "---\nsource: x\nexpression: value\n---\nexit: 0\nstdout: old\n",
+        )
+        .unwrap();
+        let context = crate::context::TestContext::new("t", std::time::Duration::from_secs(1));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let panicked = runtime.block_on(crate::context::scope(context.clone(), async {
+            let mut settings = settings();
+            settings.set_snapshot_path(dir.path());
+            settings.set_prepend_module_to_snapshot(false);
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                settings.bind(|| {
+                    insta::assert_yaml_snapshot!(
+                        "cmp",
+                        serde_json::json!({"stdout": "new", "exit": 0})
+                    );
+                })
+            }))
+            .is_err()
+        }));
+        assert!(panicked, "the assertion fails");
+        let context = context.lock().unwrap();
+        assert_eq!(
+            context.snapshot_diffs.len(),
+            1,
+            "{:?}",
+            context.snapshot_diffs
+        );
+        let (name, diff) = &context.snapshot_diffs[0];
+        assert_eq!(name, "cmp");
+        assert!(diff.contains("-stdout: old\n+stdout: new\n"), "{diff}");
+    }
 
     #[test]
     fn escapes_regex_metacharacters() {

@@ -13,6 +13,8 @@ use agentvm_runtime::vm::{Vm, VmError};
 use crate::agent::{
     resolve_host_path, Agent, AgentSource, Task, AGENT_DIR, PROMPT_FILE, WORKSPACE,
 };
+use crate::context::{record_phase, RunInfo};
+use crate::report::PhaseKind;
 use crate::run::AgentRun;
 
 /// Why an agent could not be run (an agent that fails or times out is not an
@@ -195,6 +197,7 @@ async fn run_agent(vm: &mut Vm, agent: &Agent, task: &Task) -> Result<AgentRun, 
             .secrets
             .extend(&secrets);
     }
+    let inject_started = std::time::Instant::now();
     // 1. Agent files.
     let program = match &agent.source {
         AgentSource::Script(path) => {
@@ -326,7 +329,11 @@ async fn run_agent(vm: &mut Vm, agent: &Agent, task: &Task) -> Result<AgentRun, 
         }
         None => None,
     };
+    let run_started = std::time::Instant::now();
+    record_phase(context.as_ref(), PhaseKind::Inject, inject_started);
     let output = vm.exec(command).await;
+    let capture_started = std::time::Instant::now();
+    record_phase(context.as_ref(), PhaseKind::Run, run_started);
     let connections = match egress {
         Some(session) => session.finish(vm).await,
         None => Vec::new(),
@@ -352,22 +359,38 @@ async fn run_agent(vm: &mut Vm, agent: &Agent, task: &Task) -> Result<AgentRun, 
         .await
         .map_err(AgentError::vm("listing the workspace changes"));
     let outside = changes.as_ref().ok().map(|c| c.outside_workspace.len());
+    record_phase(context.as_ref(), PhaseKind::Capture, capture_started);
+    let info = RunInfo {
+        agent: argv
+            .first()
+            .map(|p| p.rsplit('/').next().unwrap_or(p).to_string())
+            .unwrap_or_default(),
+        argv: argv.clone(),
+        prompt: task
+            .prompt
+            .as_deref()
+            .map(|p| secrets.redact(p).into_owned()),
+        task_files: task
+            .files
+            .iter()
+            .map(|(path, _)| secrets.redact(path).into_owned())
+            .collect(),
+    };
     emit_execution(test, vm.id(), argv, &output.report, outside);
     let run = AgentRun::from_changes(output, changes?, &secrets)
         .with_transcript(transcript)
         .with_network(connections);
+    // Kept also when the model failed: its transcript shows how far it got.
+    if let Some(context) = &context {
+        let mut context = context.lock().unwrap_or_else(|e| e.into_inner());
+        context.runs.push(run.clone());
+        context.infos.push(info);
+    }
     if !model_errors.is_empty() {
         return Err(AgentError::Model {
             errors: model_errors,
             run: Box::new(run),
         });
-    }
-    if let Some(context) = &context {
-        context
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .runs
-            .push(run.clone());
     }
     Ok(run)
 }

@@ -1061,6 +1061,38 @@ mod driver {
         )?;
         let anomalies = dir.join("fixture::l_agent_times_out/anomalies.json");
         check(anomalies.exists(), "anomalies.json kept", &out)?;
+        // The timeline's phases and the agent run, as the HTML report needs them.
+        let timed_out = by_name("fixture::l_agent_times_out");
+        let phases: Vec<&str> = timed_out["phases"]
+            .as_array()
+            .map(|p| p.iter().filter_map(|p| p["phase"].as_str()).collect())
+            .unwrap_or_default();
+        check(
+            phases == ["acquire", "inject", "run", "capture", "revert"]
+                && timed_out["start_seconds"].is_f64()
+                && timed_out["runs"][0]["agent"] == "mock-timeout"
+                && timed_out["runs"][0]["run"]["timed_out"] == true
+                && timed_out["artifacts"] == "fixture::l_agent_times_out",
+            &format!("phases and runs of l_agent_times_out: {timed_out}"),
+            &out,
+        )?;
+        let suite: Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("suites/harness.json")).map_err(|e| e.to_string())?,
+        )
+        .map_err(|e| e.to_string())?;
+        check(
+            suite == report && report["suite"] == "harness",
+            "suites/harness.json is the report",
+            &out,
+        )?;
+        let html = std::fs::read_to_string(dir.join("report.html")).map_err(|e| e.to_string())?;
+        check(
+            html.starts_with("<!DOCTYPE html>")
+                && ALL_TESTS.iter().all(|name| html.contains(name))
+                && out.stderr.contains("agentvm: HTML report "),
+            "report.html lists every test",
+            &out,
+        )?;
 
         // junit.xml.
         let junit = std::fs::read_to_string(dir.join("junit.xml")).map_err(|e| e.to_string())?;

@@ -3,6 +3,7 @@
 mod bench;
 mod image;
 mod network;
+mod report_check;
 mod tasks;
 mod util;
 
@@ -33,6 +34,10 @@ enum Command {
     /// Define and start the libvirt network `agentvm-nat` and nwfilter
     /// `agentvm-egress` used by `network = "nat-filtered"` (idempotent).
     SetupNetwork(network::SetupNetworkArgs),
+    /// Check the suite run's report.html in headless Chromium (every test
+    /// listed, transcripts, one timeline lane per VM, nothing injected runs)
+    /// and take screenshots of it.
+    ReportCheck(report_check::ReportCheckArgs),
     /// Set up, then run the example agent suite in real VMs.
     Demo {
         /// Arguments passed to the suite's test binary.
@@ -49,6 +54,7 @@ fn main() -> ExitCode {
         Command::Demo { args } => tasks::demo(&args),
         Command::Bench(args) => bench::run(args),
         Command::SetupNetwork(args) => network::run(&args),
+        Command::ReportCheck(args) => report_check::run(&args),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

@@ -213,7 +213,8 @@ fn start_libvirt(progress: &Progress) -> Result<()> {
     crate::network::run(&crate::network::SetupNetworkArgs::default())
 }
 
-/// `cargo xtask demo [-- ARGS]`: set-up, then the example agent suite in real VMs.
+/// `cargo xtask demo [-- ARGS]`: set-up, then the example agent suite in
+/// real VMs; prints the path of the HTML report at the end.
 pub fn demo(args: &[String]) -> Result<()> {
     setup(&SetupArgs { no_install: false })?;
     let progress = Progress::new();
@@ -231,7 +232,17 @@ pub fn demo(args: &[String]) -> Result<()> {
             .args(["test", "-p", "agent-suite", "--test", "agent_image", "--"])
             .args(args),
         "the agent image suite",
-    )
+    )?;
+    // Each suite's harness rewrote it; it holds both (AGENT_VM_ARTIFACTS_DIR moves it).
+    let artifacts = std::env::var_os("AGENT_VM_ARTIFACTS_DIR")
+        .map_or_else(|| workspace_root().join("target/agentvm"), Into::into);
+    let report = artifacts.join("report.html");
+    if !report.is_file() {
+        bail!("the suites ran but wrote no {}", report.display());
+    }
+    progress.step(format!("report: {}", report.display()));
+    println!("{}", report.display());
+    Ok(())
 }
 
 fn cargo() -> Command {

@@ -172,6 +172,44 @@ async fn python_agent_changes_the_workspace(vm: &mut Vm) -> TestResult {
     Ok(())
 }
 
+/// A home-made Python agent (`examples/agents/mini_agent.py`) asks a
+/// scripted model what to do over the OpenAI Chat Completions API, runs the
+/// shell commands it is given and reports back: the run has the model
+/// transcript (what the report shows as a conversation).
+#[agent_vm_test(image = "agent", profile = "light", timeout = "180s")]
+async fn home_made_agent_follows_its_model(vm: &mut Vm) -> TestResult {
+    let model = Model::scripted([
+        Turn::shell("printf 'hello\\n' > notes.txt && ls"),
+        Turn::shell("sed -i s/hello/hi/ notes.txt && cat notes.txt"),
+        Turn::text("Done: notes.txt says hi."),
+    ]);
+    let agent = Agent::script("examples/agents/mini_agent.py")
+        .env("OPENAI_BASE_URL", "http://127.0.0.1:8787/v1")
+        .env("OPENAI_API_KEY", "sk-not-a-real-key")
+        .model(model);
+    let run = vm
+        .run_agent(
+            &agent,
+            Task::prompt("Create notes.txt saying hello, then make it say hi."),
+        )
+        .await?;
+    assert!(run.success(), "{run:#?}");
+    assert_eq!(run.file_text("notes.txt"), Some("hi\n"));
+    let transcript = run.transcript();
+    assert_eq!(transcript.len(), 3, "{transcript:#?}");
+    assert_eq!(transcript[0].tool_calls[0].name, "shell");
+    assert_eq!(
+        transcript[2].response_text.as_deref(),
+        Some("Done: notes.txt says hi.")
+    );
+    assert!(
+        run.stdout().ends_with("Done: notes.txt says hi.\n"),
+        "{run:#?}"
+    );
+    assert_agent_snapshot!(run);
+    Ok(())
+}
+
 /// A Node.js agent script does the same.
 #[agent_vm_test(image = "agent", profile = "light", timeout = "180s")]
 async fn node_agent_changes_the_workspace(vm: &mut Vm) -> TestResult {

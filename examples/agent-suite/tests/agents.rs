@@ -22,6 +22,7 @@ const FORKBOMB: &str = "examples/agents/forkbomb.sh";
 const FLOOD: &str = "examples/agents/flood.sh";
 const ESCAPE: &str = "examples/agents/escape.sh";
 const PHONE_HOME: &str = "examples/agents/phone-home.sh";
+const HOSTILE: &str = "examples/agents/hostile.sh";
 
 /// The anomaly kinds the library's rules find in `run`, with the limits the
 /// harness applies to `vm` (its profile, network and `process_limit`).
@@ -159,6 +160,25 @@ async fn secrets_are_redacted(vm: &mut Vm) -> TestResult {
     assert_eq!(run.file_text("leaked.txt"), Some("[secret:API_TOKEN]\n"));
     // The hash of the leaked file would vary with the secret: redact it.
     assert_agent_snapshot!(run.redact_hashes());
+    Ok(())
+}
+
+/// An agent whose output and file name are HTML and script: the run keeps
+/// them byte for byte (the HTML report must show them as text and run
+/// nothing: `cargo xtask report-check` checks that in a real browser).
+#[agent_vm_test(timeout = "60s")]
+async fn hostile_output_is_kept_as_text(vm: &mut Vm) -> TestResult {
+    let run = vm
+        .run_agent(&Agent::script(HOSTILE), Task::prompt("<b>say hi</b>"))
+        .await?;
+    assert!(run.success(), "{run:#?}");
+    assert!(
+        run.stdout().starts_with("<script>alert(1)</script>\n"),
+        "{run:#?}"
+    );
+    assert!(run.stdout().contains("\u{1b}[31mred\u{1b}[0m"), "{run:#?}");
+    assert_eq!(run.created(), ["<img src=x onerror=alert(1)>"]);
+    assert_agent_snapshot!(run);
     Ok(())
 }
 
