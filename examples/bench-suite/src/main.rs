@@ -133,6 +133,10 @@ struct Raw {
     tunnel: TunnelBench,
     pool_warmup: PoolWarmup,
     acquire_us: Vec<f64>,
+    /// Acquires as tests see them with the pool busy: twice as many workers
+    /// as VMs, each acquiring, running `true` and releasing in a loop; the
+    /// wait includes queueing behind the others and the background revert.
+    acquire_busy_ms: Vec<f64>,
     /// Starts from the golden cache (QEMU backend): launch until the
     /// channel is in step. Empty when the backend has no golden cache.
     restore_ms: Vec<f64>,
@@ -736,6 +740,35 @@ async fn measure_pool(args: &Args, pool: &VmPool, started: Instant, raw: &mut Ra
             raw.acquire_us.push(start.elapsed().as_secs_f64() * 1e6);
             leases.push(lease);
         }
+    }
+    wait_available(pool, size).await?;
+
+    // Under load: 2 × size workers share the pool, so every acquire queues.
+    let workers = 2 * size;
+    let per_worker = args.acquires.div_ceil(workers);
+    phase(format!(
+        "pool acquire under load: {workers} workers on {size} VMs, n = {}",
+        workers * per_worker
+    ));
+    let tasks: Vec<_> = (0..workers)
+        .map(|_| {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                let mut waits = Vec::with_capacity(per_worker);
+                for _ in 0..per_worker {
+                    let start = Instant::now();
+                    let mut lease = pool.acquire(Duration::from_secs(120)).await?;
+                    waits.push(ms(start.elapsed()));
+                    lease.exec(Command::new("true")).await?;
+                    drop(lease);
+                }
+                anyhow::Ok(waits)
+            })
+        })
+        .collect();
+    for task in tasks {
+        raw.acquire_busy_ms
+            .extend(task.await.context("an acquire worker panicked")??);
     }
     wait_available(pool, size).await?;
     Ok(())
