@@ -52,6 +52,9 @@ pub const CMDLINE: &str = "console=ttyS0 panic=1 quiet tsc=reliable";
 pub const VIRTIO_PORT: &str = "org.agentvm.ctl";
 /// Where the guest agent lives in the image.
 pub const GUEST_PATH: &str = "usr/bin/agentvm-guest";
+/// Where the DHCP wrapper (`images/agentvm-dhcp`) lives in the image; the
+/// init copies it into a root file system at the same path.
+pub const DHCP_PATH: &str = "usr/local/sbin/agentvm-dhcp";
 
 pub const VMLINUZ: &str = "vmlinuz";
 pub const INITRAMFS: &str = "initramfs.cpio.gz";
@@ -200,6 +203,8 @@ pub fn run(args: BuildImageArgs) -> Result<()> {
     if !init.starts_with(b"#!") {
         bail!("{} must start with a #! line", init_path.display());
     }
+    let dhcp_path = root.join("images").join("agentvm-dhcp");
+    let dhcp = fs::read(&dhcp_path).with_context(|| format!("read {}", dhcp_path.display()))?;
 
     progress.step(format!(
         "resolving kernel package {} (apt-cache)",
@@ -259,6 +264,7 @@ pub fn run(args: BuildImageArgs) -> Result<()> {
         modules: names,
         cmdline: CMDLINE.to_string(),
         rootfs_key: rootfs_plan.as_ref().map(|(r, _)| r.key()),
+        helpers: vec![format!("{DHCP_PATH}={}", sha256_hex(&dhcp))],
     };
     let key = inputs.key();
 
@@ -321,6 +327,7 @@ pub fn run(args: BuildImageArgs) -> Result<()> {
         tree.symlink(applet, "/bin/busybox")?;
     }
     tree.file(GUEST_PATH, 0o755, guest_data.clone())?;
+    tree.file(DHCP_PATH, 0o755, dhcp)?;
     let mod_dir = format!("lib/modules/{}", kernel.release);
     for m in &sel.modules {
         let data = fs::read(&m.path).with_context(|| format!("read {}", m.path.display()))?;
