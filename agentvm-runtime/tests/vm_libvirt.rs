@@ -578,3 +578,87 @@ async fn nat_filtered_vms_get_their_own_leases_across_reverts() {
         vm.destroy().await.unwrap();
     }
 }
+
+/// The `agent` image (Debian) takes its lease with Debian's dhclient, leaves
+/// no DHCP daemon behind, renews the lease on revert, and the lease's
+/// /etc/resolv.conf is not among the changes a test sees. `--ignored`: it
+/// needs the agent image (`cargo xtask build-image --name agent`), which
+/// `cargo xtask test` builds and then runs this. Needs `cargo xtask setup-network`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the agent image: cargo xtask build-image --name agent"]
+async fn agent_image_takes_its_lease_with_dhclient() {
+    use agentvm_runtime::command::Command;
+    use agentvm_runtime::protocol::ListChangesRequest;
+    use tokio::net::TcpListener;
+
+    // 9418 (git): a port the other nat-filtered tests do not listen on.
+    const PORT: u16 = 9418;
+    let backend = libvirt_backend();
+    let mut spec = vm_suite::spec();
+    spec.image = agentvm_runtime::image::locate_image("agent", &vm_suite::images_dir())
+        .unwrap_or_else(|e| panic!("{e} (cargo xtask build-image --name agent)"));
+    spec.profile = agentvm_runtime::spec::ResourceProfile::Light;
+    spec.network = NetworkMode::NatFiltered;
+    let mut vm = Vm::boot(&backend, spec)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    eprintln!(
+        "[dhcp] agent image lease at boot: {:?}",
+        vm.boot_timings().network
+    );
+    let (code, out, err) = vm_suite::sh(
+        &mut vm,
+        "command -v dhclient; pgrep -l 'dhclient|udhcpc' || echo none",
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out, "/usr/sbin/dhclient\nnone\n",
+        "dhclient is the client and does not stay"
+    );
+    for round in 0..2 {
+        let net = guest_net(&mut vm).await;
+        assert_dhcp_config(&backend, &vm, &net);
+        let listener = TcpListener::bind((NAT_HOST, PORT)).await.unwrap();
+        let accepted = tokio::spawn(accept_one(listener));
+        // bash's /dev/tcp: the image has no nc.
+        let out = vm
+            .exec(
+                Command::new("bash")
+                    .arg("-c")
+                    .arg(format!("echo round-{round} > /dev/tcp/{NAT_HOST}/{PORT}")),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            out.report.status,
+            agentvm_runtime::protocol::ExitStatus::Code(0),
+            "{out:?}"
+        );
+        assert_eq!(
+            accepted.await.unwrap(),
+            Some((net.address.into(), format!("round-{round}\n")))
+        );
+        let changes = vm
+            .changes(ListChangesRequest {
+                include_text: false,
+                outside_workspace: true,
+            })
+            .await
+            .unwrap();
+        assert!(
+            !changes
+                .outside_workspace
+                .iter()
+                .any(|p| p.contains("resolv.conf")),
+            "the lease is not a change of the test: {:?}",
+            changes.outside_workspace
+        );
+        let t = vm.revert().await.unwrap_or_else(|e| panic!("{e}"));
+        eprintln!(
+            "[dhcp] agent image revert {:?}, lease {:?}",
+            t.total, t.network
+        );
+    }
+    vm.destroy().await.unwrap();
+}
