@@ -188,6 +188,16 @@ async fn take_dhcp_lease(client: &GuestClient, machine: &dyn Machine) -> Result<
     let budget = DHCP_TIMEOUT + HOST_EXEC_SLACK;
     let output = match tokio::time::timeout(budget, client.exec_collect(request)).await {
         Ok(Ok(output)) => output,
+        // The guest agent could not start it: an image built before the wrapper.
+        Ok(Err(ClientError::Guest { message, .. })) => {
+            return Err(VmError::Network {
+                vm,
+                problem: format!(
+                    "{message}; the guest image has no {GUEST_DHCP}: rebuild it with \
+                     `cargo xtask build-image`"
+                ),
+            })
+        }
         Ok(Err(source)) => return Err(VmError::Guest { vm, source }),
         Err(_) => {
             return Err(VmError::Hung {
@@ -203,13 +213,8 @@ async fn take_dhcp_lease(client: &GuestClient, machine: &dyn Machine) -> Result<
         tracing::debug!(vm, stdout = %String::from_utf8_lossy(&output.stdout).trim(), "DHCP lease");
         return Ok(start.elapsed());
     }
-    let hint = if report.status == ExitStatus::Code(127) {
-        format!("the guest image has no {GUEST_DHCP}: rebuild it with `cargo xtask build-image`")
-    } else {
-        "check that the libvirt network agentvm-nat is active and serves DHCP \
-         (`cargo xtask setup-network`; `virsh net-dhcp-leases agentvm-nat` lists its leases)"
-            .to_string()
-    };
+    let hint = "check that the libvirt network agentvm-nat is active and serves DHCP \
+                (`cargo xtask setup-network`; `virsh net-dhcp-leases agentvm-nat` lists its leases)";
     let how = if report.timed_out {
         format!("was killed after {DHCP_TIMEOUT:?}")
     } else {
