@@ -35,8 +35,8 @@ pub const GUEST_DHCP: &str = "/usr/local/sbin/agentvm-dhcp";
 /// How long the guest's DHCP may take (the wrapper gives up after 30 s per
 /// NIC). Unless the network sets `no-ping`, dnsmasq pings an address for 3 s
 /// before it offers it to a new MAC and answers no one meanwhile: VMs that
-/// boot together wait for each other (10–17 s measured with three at once
-/// under TCG on 2 busy cores).
+/// boot together wait for each other (4.5–17 s measured with two or three
+/// at once under TCG on 2 busy cores).
 pub const DHCP_TIMEOUT: Duration = Duration::from_secs(40);
 
 /// Why an operation on a VM failed.

@@ -381,7 +381,7 @@ fn leased(backend: &LibvirtBackend, mac: &str, address: std::net::Ipv4Addr) -> b
 /// Checks that the guest's configuration is a lease from agentvm-nat's
 /// DHCP, for this VM's own MAC: an address in the DHCP range, the default
 /// route and the nameserver the network hands out, and dnsmasq's record.
-fn assert_dhcp_config(backend: &LibvirtBackend, vm: &Vm, net: &GuestNet) {
+async fn assert_dhcp_config(backend: &LibvirtBackend, vm: &Vm, net: &GuestNet) {
     let octets = net.address.octets();
     assert_eq!(octets[..3], [192, 168, 213], "{net:?}");
     assert!(
@@ -392,11 +392,16 @@ fn assert_dhcp_config(backend: &LibvirtBackend, vm: &Vm, net: &GuestNet) {
     assert_eq!(net.default_route, format!("{NAT_HOST} eth0"), "{net:?}");
     assert_eq!(net.nameservers, [NAT_HOST], "{net:?}");
     let mac = mac_of(backend, vm);
-    assert!(
-        leased(backend, &mac, net.address),
-        "dnsmasq has no lease of {} for {mac}",
-        net.address
-    );
+    // libvirt's record is written by a helper dnsmasq runs after the ACK: allow it a moment.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !leased(backend, &mac, net.address) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "dnsmasq has no lease of {} for {mac}",
+            net.address
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Accepts one connection on `listener` within 8 s: the peer's address and
@@ -428,8 +433,24 @@ async fn egress_filter_allows_listed_ports_and_drops_the_rest() {
     let mut vm = Vm::boot(&backend, spec)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
+    // The lease's /etc/resolv.conf is not a change of the test.
+    let changes = vm
+        .changes(agentvm_runtime::protocol::ListChangesRequest {
+            include_text: false,
+            outside_workspace: true,
+        })
+        .await
+        .unwrap();
+    assert!(
+        !changes
+            .outside_workspace
+            .iter()
+            .any(|p| p.contains("resolv.conf")),
+        "{:?}",
+        changes.outside_workspace
+    );
     let net = guest_net(&mut vm).await;
-    assert_dhcp_config(&backend, &vm, &net);
+    assert_dhcp_config(&backend, &vm, &net).await;
     let guest = net.address;
     let allowed = tokio::spawn(accept_one(TcpListener::bind((NAT_HOST, 80)).await.unwrap()));
     let blocked = tokio::spawn(accept_one(
@@ -527,7 +548,7 @@ async fn nat_filtered_vms_get_their_own_leases_across_reverts() {
     }
     let before = connect_both(&mut vms).await;
     for (vm, net) in vms.iter().zip(&before) {
-        assert_dhcp_config(&backend, vm, net);
+        assert_dhcp_config(&backend, vm, net).await;
     }
     assert_ne!(before[0].address, before[1].address, "{before:?}");
 
@@ -572,7 +593,7 @@ async fn nat_filtered_vms_get_their_own_leases_across_reverts() {
         restored, before,
         "the restored VM asked for its own lease again"
     );
-    assert_dhcp_config(&backend, &vms[1], &restored[1]);
+    assert_dhcp_config(&backend, &vms[1], &restored[1]).await;
 
     for vm in vms {
         vm.destroy().await.unwrap();
@@ -618,7 +639,7 @@ async fn agent_image_takes_its_lease_with_dhclient() {
     );
     for round in 0..2 {
         let net = guest_net(&mut vm).await;
-        assert_dhcp_config(&backend, &vm, &net);
+        assert_dhcp_config(&backend, &vm, &net).await;
         let listener = TcpListener::bind((NAT_HOST, PORT)).await.unwrap();
         let accepted = tokio::spawn(accept_one(listener));
         // bash's /dev/tcp: the image has no nc.
