@@ -45,6 +45,9 @@ pub const CMDLINE: &str = "console=ttyS0 panic=1 quiet tsc=reliable";
 pub const VIRTIO_PORT: &str = "org.agentvm.ctl";
 /// Where the guest agent lives in the image.
 pub const GUEST_PATH: &str = "usr/bin/agentvm-guest";
+/// Where the DHCP wrapper (`images/agentvm-dhcp`) lives in the image; the
+/// init copies it into a root file system at the same path.
+pub const DHCP_PATH: &str = "usr/local/sbin/agentvm-dhcp";
 
 /// File name of the kernel in an image directory.
 pub const VMLINUZ: &str = "vmlinuz";
@@ -281,6 +284,8 @@ fn build(
     if !init.starts_with(b"#!") {
         bail!("{} must start with a #! line", init_path.display());
     }
+    let dhcp_path = root.join("images").join("agentvm-dhcp");
+    let dhcp = fs::read(&dhcp_path).with_context(|| format!("read {}", dhcp_path.display()))?;
 
     progress.step(format!(
         "resolving kernel package {} (apt-cache)",
@@ -340,6 +345,7 @@ fn build(
         modules: names,
         cmdline: CMDLINE.to_string(),
         rootfs_key: rootfs_plan.as_ref().map(|(r, _)| r.key()),
+        helpers: vec![format!("{DHCP_PATH}={}", sha256_hex(&dhcp))],
     };
     let key = inputs.key();
 
@@ -406,6 +412,7 @@ fn build(
         tree.symlink(applet, "/bin/busybox")?;
     }
     tree.file(GUEST_PATH, 0o755, guest_data.clone())?;
+    tree.file(DHCP_PATH, 0o755, dhcp)?;
     let mod_dir = format!("lib/modules/{}", kernel.release);
     for m in &sel.modules {
         let data = fs::read(&m.path).with_context(|| format!("read {}", m.path.display()))?;

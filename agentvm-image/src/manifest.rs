@@ -27,6 +27,10 @@ pub struct Inputs {
     /// only images with a root file system (`agent`) have one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rootfs_key: Option<String>,
+    /// Helper scripts packed beside the init, as `path=sha256` (e.g. the
+    /// DHCP wrapper `usr/local/sbin/agentvm-dhcp`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub helpers: Vec<String>,
 }
 
 impl Inputs {
@@ -46,7 +50,8 @@ impl Inputs {
         ];
         let mut s = String::from("agentvm-image-key\n");
         let rootfs = self.rootfs_key.clone().map(|k| ("rootfs_key", k));
-        for (k, v) in lines.into_iter().chain(rootfs) {
+        let helpers = (!self.helpers.is_empty()).then(|| ("helpers", self.helpers.join(",")));
+        for (k, v) in lines.into_iter().chain(rootfs).chain(helpers) {
             s.push_str(k);
             s.push('=');
             s.push_str(&v.replace('\\', "\\\\").replace('\n', "\\n"));
@@ -189,6 +194,7 @@ mod tests {
             ],
             cmdline: "console=ttyS0 panic=1 quiet".into(),
             rootfs_key: None,
+            helpers: Vec::new(),
         }
     }
 
@@ -206,7 +212,7 @@ mod tests {
     #[test]
     fn key_changes_with_every_input() {
         let base = inputs().key();
-        let variants: [fn(&mut Inputs); 10] = [
+        let variants: [fn(&mut Inputs); 11] = [
             |i| i.format_version += 1,
             |i| i.guest_sha256 = "ab".repeat(32),
             |i| i.kernel_package.push('x'),
@@ -219,6 +225,7 @@ mod tests {
             },
             |i| i.cmdline.push_str(" debug"),
             |i| i.rootfs_key = Some("ee".repeat(32)),
+            |i| i.helpers = vec![format!("usr/local/sbin/agentvm-dhcp={}", "ff".repeat(32))],
         ];
         for (n, change) in variants.iter().enumerate() {
             let mut i = inputs();

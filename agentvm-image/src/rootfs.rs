@@ -53,6 +53,8 @@ pub const PACKAGES: &[&str] = &[
     "gzip",
     "xz-utils",
     "passwd",
+    // DHCP client for `network = "nat-filtered"` (run by /usr/local/sbin/agentvm-dhcp).
+    "isc-dhcp-client",
 ];
 
 /// Bump when the way the root file system is built changes in a way the

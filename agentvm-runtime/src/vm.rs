@@ -18,8 +18,8 @@ use crate::backend::{
 use crate::client::{ClientError, ExecOutput, ExecStream, GuestClient, ResyncStats};
 use crate::command::Command;
 use crate::events::{emit, Event, ProcessUsage};
-use crate::protocol::{ChangeList, FileChange, Hello, ListChangesRequest};
-use crate::spec::VmSpec;
+use crate::protocol::{ChangeList, ExitStatus, FileChange, Hello, ListChangesRequest};
+use crate::spec::{NetworkMode, VmSpec};
 
 /// Lines of serial console put into crash and boot errors.
 pub const SERIAL_TAIL_LINES: usize = 40;
@@ -28,6 +28,16 @@ pub const RESYNC_TIMEOUT: Duration = Duration::from_secs(10);
 /// Extra time the host grants the guest beyond a command's own timeout
 /// before it declares the guest hung.
 pub const HOST_EXEC_SLACK: Duration = Duration::from_secs(30);
+/// The guest's DHCP wrapper (`images/agentvm-dhcp`; the same path in every
+/// image): takes a lease on each NIC, applies address, default route and
+/// `/etc/resolv.conf`, and exits.
+pub const GUEST_DHCP: &str = "/usr/local/sbin/agentvm-dhcp";
+/// How long the guest's DHCP may take (the wrapper gives up after 30 s per
+/// NIC). Unless the network sets `no-ping`, dnsmasq pings an address for 3 s
+/// before it offers it to a new MAC and answers no one meanwhile: VMs that
+/// boot together wait for each other (4.5–17 s measured with two or three
+/// at once under TCG on 2 busy cores).
+pub const DHCP_TIMEOUT: Duration = Duration::from_secs(40);
 
 /// Why an operation on a VM failed.
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +83,14 @@ pub enum VmError {
         now: MachineState,
         /// The deadline.
         after: Duration,
+    },
+    /// The guest could not take a DHCP lease for its network interface.
+    #[error("VM {vm}: DHCP on its network interface failed: {problem}")]
+    Network {
+        /// VM id.
+        vm: String,
+        /// What went wrong, with the wrapper's output and what to do.
+        problem: String,
     },
     /// The guest stopped answering (the VM is alive but hung).
     #[error("VM {vm}: guest agent stopped answering during {operation} (waited {after:?})\n--- last serial console lines ---\n{serial_tail}")]
@@ -122,6 +140,8 @@ pub struct BootTimings {
     /// Started from a golden snapshot another VM shared
     /// ([`Backend::launch_restored`]) instead of booting.
     pub restored: bool,
+    /// Taking the DHCP lease (`None`: the VM takes none, see [`takes_dhcp`]).
+    pub network: Option<Duration>,
 }
 
 /// How [`Vm::shutdown`] stopped the VM.
@@ -140,8 +160,78 @@ pub struct RevertTimings {
     pub restore: Duration,
     /// Resynchronising the control channel.
     pub resync: ResyncStats,
-    /// Both.
+    /// Renewing the DHCP lease (`None`: the VM takes none, see [`takes_dhcp`]).
+    pub network: Option<Duration>,
+    /// All of it.
     pub total: Duration,
+}
+
+/// Whether a VM on `network` takes its address by DHCP: its NIC is on
+/// agentvm's own libvirt network, whose dnsmasq serves DHCP. A user's bridge
+/// is left alone (it may serve none); the guest can run [`GUEST_DHCP`] itself.
+pub fn takes_dhcp(network: &NetworkMode) -> bool {
+    matches!(network, NetworkMode::NatFiltered)
+}
+
+/// Runs [`GUEST_DHCP`] as root and returns how long it took. At boot this
+/// gives the VM its lease before the golden snapshot; after a revert or a
+/// start from a shared snapshot it renews it: the snapshot holds the address
+/// of the lease taken when it was made (another VM's, with another MAC, for
+/// a shared one, and possibly expired), so every VM asks again for its own.
+async fn take_dhcp_lease(client: &GuestClient, machine: &dyn Machine) -> Result<Duration, VmError> {
+    let start = Instant::now();
+    let vm = machine.id().to_string();
+    let request = Command::new(GUEST_DHCP)
+        .as_root()
+        .timeout(DHCP_TIMEOUT)
+        .into_request();
+    let budget = DHCP_TIMEOUT + HOST_EXEC_SLACK;
+    let output = match tokio::time::timeout(budget, client.exec_collect(request)).await {
+        Ok(Ok(output)) => output,
+        // The guest agent could not start it: an image built before the wrapper.
+        Ok(Err(ClientError::Guest { message, .. })) => {
+            return Err(VmError::Network {
+                vm,
+                problem: format!(
+                    "{message}; the guest image has no {GUEST_DHCP}: rebuild it with \
+                     `cargo xtask build-image`"
+                ),
+            })
+        }
+        Ok(Err(source)) => return Err(VmError::Guest { vm, source }),
+        Err(_) => {
+            return Err(VmError::Hung {
+                vm,
+                operation: format!("DHCP ({GUEST_DHCP})"),
+                after: budget,
+                serial_tail: machine.serial_tail(SERIAL_TAIL_LINES),
+            })
+        }
+    };
+    let report = &output.report;
+    if report.status == ExitStatus::Code(0) && !report.timed_out {
+        tracing::debug!(vm, stdout = %String::from_utf8_lossy(&output.stdout).trim(), "DHCP lease");
+        return Ok(start.elapsed());
+    }
+    let hint = "check that the libvirt network agentvm-nat is active and serves DHCP \
+                (`cargo xtask setup-network`; `virsh net-dhcp-leases agentvm-nat` lists its leases)";
+    let how = if report.timed_out {
+        format!("was killed after {DHCP_TIMEOUT:?}")
+    } else {
+        format!("ended with {:?}", report.status)
+    };
+    Err(VmError::Network {
+        vm,
+        problem: format!(
+            "{GUEST_DHCP} {how}: {}; {hint}",
+            [&output.stderr, &output.stdout]
+                .map(|text| String::from_utf8_lossy(text).trim().to_string())
+                .into_iter()
+                .filter(|text| !text.is_empty())
+                .collect::<Vec<_>>()
+                .join("\n"),
+        ),
+    })
 }
 
 /// A running VM whose guest agent is connected and ready.
@@ -210,10 +300,22 @@ impl Vm {
             let _ = machine.destroy().await;
             return Err(error);
         }
+        let network = if takes_dhcp(&spec.network) {
+            match take_dhcp_lease(&client, machine.as_ref()).await {
+                Ok(took) => Some(took),
+                Err(error) => {
+                    let _ = machine.destroy().await;
+                    return Err(error);
+                }
+            }
+        } else {
+            None
+        };
         let boot = BootTimings {
             to_hello: started.elapsed(),
             snapshot: Duration::ZERO,
             restored: true,
+            network,
         };
         emit(Event::VmCreated {
             vm: machine.id().to_string(),
@@ -273,6 +375,34 @@ impl Vm {
                     vm: machine.id().to_string(),
                     boot_seconds: to_hello.as_secs_f64(),
                 });
+                // The lease goes into the golden snapshot (each revert renews
+                // it); then the baseline, so that the lease's
+                // /etc/resolv.conf is not among the changes of a test.
+                let network = if takes_dhcp(&spec.network) {
+                    let lease = match take_dhcp_lease(&client, machine.as_ref()).await {
+                        Ok(took) => {
+                            client
+                                .reset_baseline()
+                                .await
+                                .map(|()| took)
+                                .map_err(|source| VmError::Guest {
+                                    vm: machine.id().to_string(),
+                                    source,
+                                })
+                        }
+                        Err(e) => Err(e),
+                    };
+                    match lease {
+                        Ok(took) => Some(took),
+                        Err(e) => {
+                            let _ = machine.destroy().await;
+                            failed(machine.as_ref(), e.to_string());
+                            return Err(e);
+                        }
+                    }
+                } else {
+                    None
+                };
                 let snapshot_start = Instant::now();
                 if let Err(e) = machine.snapshot_golden().await {
                     let _ = machine.destroy().await;
@@ -283,6 +413,7 @@ impl Vm {
                     to_hello,
                     snapshot: snapshot_start.elapsed(),
                     restored: false,
+                    network,
                 };
                 emit(Event::VmSnapshotted {
                     vm: machine.id().to_string(),
@@ -642,6 +773,17 @@ impl Vm {
                 });
             }
         };
+        let network = if takes_dhcp(&self.spec.network) {
+            match take_dhcp_lease(&self.client, self.machine.as_ref()).await {
+                Ok(took) => Some(took),
+                Err(e) => {
+                    self.machine.check_alive().await?;
+                    return Err(e);
+                }
+            }
+        } else {
+            None
+        };
         self.reverts += 1;
         let total = start.elapsed();
         emit(Event::VmReverted {
@@ -651,6 +793,7 @@ impl Vm {
         Ok(RevertTimings {
             restore,
             resync,
+            network,
             total,
         })
     }

@@ -154,6 +154,25 @@ pub fn test(args: &TestArgs) -> Result<()> {
             .env("AGENT_VM_BACKEND", "libvirt"),
         "the agent image suite on libvirt",
     )?;
+    progress.step(
+        "agent image on nat-filtered: its DHCP lease by dhclient (an ignored test, run here)",
+    );
+    run(
+        cargo().args([
+            "test",
+            "-p",
+            "agentvm-runtime",
+            "--features",
+            "libvirt",
+            "--test",
+            "vm_libvirt",
+            "--",
+            "--ignored",
+            "--exact",
+            "agent_image_takes_its_lease_with_dhclient",
+        ]),
+        "the agent image's DHCP test on libvirt",
+    )?;
     agent_image_boot_tests(&progress)?;
     outside_crate_test(&progress)
 }
