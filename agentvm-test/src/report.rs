@@ -293,7 +293,10 @@ impl Report {
                 };
                 let revert = match (&t.revert_seconds, &t.release) {
                     (Some(s), _) => fmt(Some(*s)),
-                    (None, Some(release)) => release.clone(),
+                    // Only the first line: a VM destroyed after a crash
+                    // carries the serial console's tail, which would widen
+                    // every row (the whole text is in report.json).
+                    (None, Some(release)) => release.lines().next().unwrap_or_default().to_string(),
                     (None, None) => "-".to_string(),
                 };
                 [
@@ -719,6 +722,36 @@ mod tests {
             xml.matches("<testcase ").count(),
             xml.matches("</testcase>").count()
         );
+    }
+
+    #[test]
+    fn table_shows_the_first_line_of_a_multi_line_release() {
+        let mut crashed = record("suite::crash", TestResultKind::Passed);
+        crashed.revert_seconds = None;
+        crashed.release = Some(
+            "revert failed, VM destroyed: VM 1 crashed: panic\n--- last serial console lines ---\n[ 6.4] Kernel panic"
+                .into(),
+        );
+        let r = Report::new(
+            SystemTime::UNIX_EPOCH,
+            Duration::from_secs(3),
+            vec![crashed, record("suite::next", TestResultKind::Passed)],
+        );
+        let table = r.table();
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 4, "{table}");
+        assert!(
+            lines[1].contains("revert failed, VM destroyed: VM 1 crashed: panic  "),
+            "{table}"
+        );
+        assert!(!table.contains("Kernel panic"), "{table}");
+        // The columns are as wide as that first line, not the whole text.
+        assert!(lines[2].len() < 120, "{table}");
+        let json: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
+        assert!(json["tests"][0]["release"]
+            .as_str()
+            .unwrap()
+            .contains("Kernel panic"));
     }
 
     #[test]

@@ -99,8 +99,10 @@ pub struct TestArgs {
 const LIBVIRT_FEATURES: &str = "agentvm-runtime/libvirt,agentvm-test/libvirt";
 
 /// `cargo xtask test [--no-libvirt] [-- ARGS]`: set-up, then every test of
-/// the workspace; with libvirt (the default) also starts libvirtd and its
-/// network, and runs the example suite on the libvirt backend.
+/// the workspace (the black-box suite `tests/`, package `agentvm-e2e`,
+/// included: it runs only there); with libvirt (the default) also starts
+/// libvirtd and its network, and runs the example suite on the libvirt
+/// backend.
 pub fn test(args: &TestArgs) -> Result<()> {
     setup(&SetupArgs { no_install: false })?;
     let progress = Progress::new();
