@@ -733,6 +733,7 @@ mod tests {
                 .into(),
         );
         let r = Report::new(
+            "e2e",
             SystemTime::UNIX_EPOCH,
             Duration::from_secs(3),
             vec![crashed, record("suite::next", TestResultKind::Passed)],
