@@ -171,9 +171,9 @@ async fn allowlisted_host_is_reached_and_logged(vm: &mut Vm) -> TestResult {
 
 /// An agent that opens 1 000 streams at once gets at most the guest's 256
 /// tunnelled streams (the rest are closed at once, nothing hangs), every
-/// stream that got through is answered and logged, and the proxy works
-/// again as soon as they are closed.
-#[agent_vm_test(timeout = "120s", image = "agent", profile = "light")]
+/// stream that got through is answered and logged, and the proxy answers a
+/// new stream once they are closed and torn down.
+#[agent_vm_test(timeout = "240s", image = "agent", profile = "light")]
 async fn a_thousand_streams_are_bounded_and_nothing_hangs(vm: &mut Vm) -> TestResult {
     const SCRIPT: &str = r#"
 import os, socket
@@ -193,10 +193,22 @@ for s in socks:
         closed += 1
 for s in socks:
     s.close()
-s = socket.create_connection(("127.0.0.1", port))
-s.settimeout(30)
-s.sendall(b"CONNECT again.example:443 HTTP/1.1\r\n\r\n")
-print(answered, closed, s.recv(64).startswith(b"HTTP/1.1 403"))
+# The guest forgets the 256 streams as the host ends them: retry until the
+# proxy answers a new one, at most 90 s (seconds under load on 2 cores).
+import time
+start, again = time.monotonic(), False
+while not again and time.monotonic() - start < 90:
+    try:
+        s = socket.create_connection(("127.0.0.1", port))
+        s.settimeout(10)
+        s.sendall(b"CONNECT again.example:443 HTTP/1.1\r\n\r\n")
+        again = s.recv(64).startswith(b"HTTP/1.1 403")
+        s.close()
+    except OSError:
+        pass
+    if not again:
+        time.sleep(0.5)
+print(answered, closed, again, round(time.monotonic() - start, 1))
 "#;
     let run = vm
         .run_agent(
@@ -206,7 +218,7 @@ print(answered, closed, s.recv(64).startswith(b"HTTP/1.1 403"))
         .await?;
     assert!(run.success(), "{run:#?}");
     let fields: Vec<&str> = run.stdout().split_whitespace().collect();
-    let [answered, closed, again] = fields[..] else {
+    let [answered, closed, again, recovered_after_s] = fields[..] else {
         return Err(format!("unexpected output: {run:#?}").into());
     };
     let (answered, closed): (usize, usize) = (answered.parse()?, closed.parse()?);
@@ -216,6 +228,10 @@ print(answered, closed, s.recv(64).startswith(b"HTTP/1.1 403"))
         "{answered} streams got through"
     );
     assert_eq!(again, "True", "the proxy after the flood: {run:#?}");
+    eprintln!(
+        "1000 streams: {answered} answered, {closed} closed at once; \
+         the proxy answered again {recovered_after_s} s after they closed"
+    );
     let network = run.network();
     assert_eq!(
         network.len(),
