@@ -13,7 +13,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::io::DuplexStream;
 
-use super::{Backend, BackendError, BoxedChannel, Machine, MachineState, RevertOutcome};
+use super::{
+    Backend, BackendError, BoxedChannel, FromConfig, Machine, MachineState, RevertOutcome,
+};
+use crate::config::AgentVmConfig;
 use crate::protocol::{
     Ack, ChangeList, ExitReport, ExitStatus, FrameReader, FrameWriter, Hello, Message, OutputChunk,
     OutputStream, Pong, ResourceUsage, PROTOCOL_VERSION,
@@ -47,6 +50,13 @@ pub struct MockControl {
 #[derive(Debug, Clone, Default)]
 pub struct MockBackend {
     control: Arc<MockControl>,
+}
+
+/// The mock reads no setting: it runs no VM.
+impl FromConfig for MockBackend {
+    fn from_config(_config: &AgentVmConfig) -> Result<Self, BackendError> {
+        Ok(Self::new())
+    }
 }
 
 impl MockBackend {

@@ -12,10 +12,13 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use crate::protocol::Hello;
 use crate::spec::VmSpec;
 
+mod factory;
 #[cfg(feature = "libvirt")]
 pub mod libvirt;
 pub mod mock;
 pub mod qemu;
+
+pub use factory::{create_backend, FromConfig};
 
 /// The byte stream of a VM's control channel.
 pub trait ChannelStream: AsyncRead + AsyncWrite + Send + Unpin + 'static {}

@@ -85,7 +85,10 @@ use self::domain_xml::{DomainParams, Owner, DOMAIN_PREFIX, EGRESS_FILTER, NAT_NE
 use super::qemu::accel::{self, AccelDecision, ResolvedAccel};
 use super::qemu::rundir::{self, ProcessStamp, VmPaths};
 use super::qemu::{argv, find_program};
-use super::{Backend, BackendError, BoxedChannel, Machine, MachineState, RevertOutcome};
+use super::{
+    Backend, BackendError, BoxedChannel, FromConfig, Machine, MachineState, RevertOutcome,
+};
+use crate::config::AgentVmConfig;
 use crate::spec::{Accel, NetworkMode, VmSpec};
 
 pub use super::GOLDEN_SNAPSHOT;
@@ -183,6 +186,24 @@ pub struct LibvirtBackend {
 }
 
 static VM_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// The libvirt backend's settings from the run's configuration: its own key
+/// `libvirt_uri` (else `LIBVIRT_DEFAULT_URI`, else `qemu:///system`), defaults
+/// for the rest.
+impl From<&AgentVmConfig> for LibvirtConfig {
+    fn from(config: &AgentVmConfig) -> Self {
+        Self {
+            uri: config.libvirt_uri.clone(),
+            ..Self::default()
+        }
+    }
+}
+
+impl FromConfig for LibvirtBackend {
+    fn from_config(config: &AgentVmConfig) -> Result<Self, BackendError> {
+        Self::new(LibvirtConfig::from(config))
+    }
+}
 
 impl LibvirtBackend {
     /// Connects (blocking, a few ms), prepares the runtime directory and

@@ -45,8 +45,10 @@ use self::qmp::{QmpClient, QmpError};
 use self::rundir::VmPaths;
 use self::transport::{Transport, TransportDecision};
 use super::{
-    Backend, BackendError, BoxedChannel, Machine, MachineState, RestoredMachine, RevertOutcome,
+    Backend, BackendError, BoxedChannel, FromConfig, Machine, MachineState, RestoredMachine,
+    RevertOutcome,
 };
+use crate::config::AgentVmConfig;
 use crate::protocol::{Hello, PROTOCOL_VERSION};
 use crate::spec::{Accel, VmSpec};
 
@@ -131,6 +133,24 @@ pub struct QemuBackend {
 }
 
 static VM_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// The QEMU backend's settings from the run's configuration: its own key
+/// `golden_cache`; the programs are found on `PATH`, the runtime directory is
+/// the default, and the accelerator comes from each VM's spec.
+impl From<&AgentVmConfig> for QemuConfig {
+    fn from(config: &AgentVmConfig) -> Self {
+        Self {
+            golden_cache: config.golden_cache,
+            ..Self::default()
+        }
+    }
+}
+
+impl FromConfig for QemuBackend {
+    fn from_config(config: &AgentVmConfig) -> Result<Self, BackendError> {
+        Self::new(QemuConfig::from(config))
+    }
+}
 
 impl QemuBackend {
     /// Finds the programs, prepares the runtime directory, sweeps VMs left
