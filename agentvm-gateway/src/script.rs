@@ -32,8 +32,9 @@
 //! configured format. In the whole format an edit needs the file's current content: it is
 //! taken from the file listing the agent sent for the files in its chat (`aider notes.txt`
 //! adds `notes.txt`), `old` is replaced there, and the whole file is written back in the
-//! same fence. A shell turn becomes a `bash` block, which Aider only runs on an explicit
-//! yes (`--yes-always` answers no).
+//! same fence. A shell turn becomes a `bash` block, which only the diff format reads as a
+//! suggested command (the whole format has none: a shell turn there is an error), and which
+//! Aider runs only on an explicit yes (`--yes-always` answers no).
 //!
 //! # Which requests consume a turn
 //!
@@ -139,6 +140,12 @@ pub enum TurnError {
         needs: &'static str,
         /// The tool names the agent advertised.
         advertised: Vec<String>,
+    },
+    /// A shell turn in the whole-file format, which has no way to suggest a command.
+    #[error("turn {turn} is a shell command, which Aider's whole-file format cannot suggest (it reads a bash block as a file listing without a file name); use the diff edit format (--edit-format diff)")]
+    ShellNeedsDiffFormat {
+        /// 1-based turn number.
+        turn: usize,
     },
     /// An edit turn in the whole-file format for a file whose content the request lacks.
     #[error("turn {turn} edits {path} in Aider's whole-file format, which needs the file's current content, but {path} is not in the agent's chat; add it (Agent::aider().arg(\"{path}\")), script Turn::write, or use the diff edit format (--edit-format diff)")]
@@ -380,7 +387,10 @@ fn aider_text(
     format: ChatEditFormat,
 ) -> Result<String, TurnError> {
     Ok(match (turn, format) {
-        (Turn::Shell { command }, _) => format!("```bash\n{command}\n```\n"),
+        (Turn::Shell { .. }, ChatEditFormat::Whole) => {
+            return Err(TurnError::ShellNeedsDiffFormat { turn: number })
+        }
+        (Turn::Shell { command }, ChatEditFormat::Diff) => format!("```bash\n{command}\n```\n"),
         (Turn::Write { path, content }, ChatEditFormat::Whole) => {
             whole_file(path, content, FENCES[0])
         }
@@ -614,6 +624,12 @@ mod tests {
         );
         let r = render_turn(&edit, 1, &whole, ChatEditFormat::Diff).unwrap();
         assert_eq!(r, Reply::text("notes.txt\n```\nhi\n```\n"));
+        // Only the diff format reads a bash block as a suggested command.
+        let shell = Turn::shell("echo hi > shell.txt");
+        let r = render_turn(&shell, 2, &diff, ChatEditFormat::Whole).unwrap();
+        assert_eq!(r, Reply::text("```bash\necho hi > shell.txt\n```\n"));
+        let err = render_turn(&shell, 2, &whole, ChatEditFormat::Diff).unwrap_err();
+        assert_eq!(err, TurnError::ShellNeedsDiffFormat { turn: 2 });
     }
 
     #[test]

@@ -177,9 +177,9 @@ impl Agent {
     /// default for this unknown model is `whole`), or `--git` to let it
     /// commit in a repository. The gateway answers in the edit format the
     /// request asks for (see [`agentvm_gateway::script`]). Aider runs a
-    /// shell command the model suggests only on an explicit yes, which
-    /// `--yes-always` never gives, so a scripted shell turn is shown but not
-    /// run. Give it a [`Model`].
+    /// shell command the model suggests (diff format only) only on an
+    /// explicit yes, which `--yes-always` never gives, so a scripted shell
+    /// turn is shown but not run. Give it a [`Model`].
     pub fn aider() -> Self {
         Self::command([
             "sh",

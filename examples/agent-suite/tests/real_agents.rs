@@ -234,6 +234,41 @@ async fn aider_replays_its_cassette(vm: &mut Vm) -> TestResult {
     Ok(())
 }
 
+/// A shell command the model suggests (a bash block, which only the diff format reads as
+/// one) is shown but not run: Aider asks "Run shell command?", which needs an explicit yes,
+/// and `--yes-always` answers no.
+#[agent_vm_test(
+    image = "agent",
+    profile = "standard",
+    timeout = "600s",
+    ignore = "slow: ~110 s per test under TCG, over the issue's one-minute budget; needs the agent image built --with claude-code,codex,aider; run with --ignored"
+)]
+async fn aider_does_not_run_a_suggested_shell_command(vm: &mut Vm) -> TestResult {
+    let model = Model::scripted([Turn::shell("echo hi > shell.txt")]);
+    let run = vm
+        .run_agent(
+            &aider_diff().model(model),
+            Task::prompt("Create shell.txt."),
+        )
+        .await?;
+    assert_eq!(run.exit_code(), Some(0), "{run:#?}");
+    assert!(run.changes().is_empty(), "{run:#?}");
+    assert!(
+        run.stdout().contains("```bash\necho hi > shell.txt\n```"),
+        "{run:#?}"
+    );
+    assert!(!run.stdout().contains("Running echo"), "{run:#?}");
+    // The question and its answer go to the chat history, not stdout.
+    let history = vm.sh("cat ~/.aider/chat.history.md").await?;
+    assert!(
+        history
+            .stdout
+            .contains("> Run shell command? (Y)es/(N)o/(D)on't ask again [Yes]: n"),
+        "{history:?}"
+    );
+    Ok(())
+}
+
 /// Records `tests/cassettes/aider.jsonl` the way `record_cassettes` records the others:
 /// through a recording gateway whose upstream is a scripted gateway on loopback.
 #[agent_vm_test(
