@@ -135,7 +135,7 @@ async fn record_cassettes(vm: &mut Vm) -> TestResult {
 // applies it. Aider never runs a shell command the model suggests under `--yes-always`
 // (that needs an explicit yes), so these tests script no shell turn. They are ignored by
 // default: the issue keeps a real agent's tests in the default run only under a minute
-// each, and Aider, a Python program, takes about two under TCG (see the README).
+// each, and Aider, a Python program, takes 66-206 s under TCG here (see the README).
 
 const AIDER_TASK: &str = "Change hello to hi in notes.txt.";
 
@@ -195,7 +195,7 @@ fn aider_snapshot(name: &str, run: &AgentRun) {
     image = "agent",
     profile = "standard",
     timeout = "600s",
-    ignore = "slow: ~110 s per test under TCG, over the issue's one-minute budget; needs the agent image built --with claude-code,codex,aider; run with --ignored"
+    ignore = "slow: 66-206 s per test under TCG here, over the issue's one-minute budget; needs the agent image built --with claude-code,codex,aider; run with --ignored"
 )]
 async fn aider_edits_a_file_in_the_whole_format(vm: &mut Vm) -> TestResult {
     let agent = Agent::aider().arg("notes.txt").model(aider_script());
@@ -210,7 +210,7 @@ async fn aider_edits_a_file_in_the_whole_format(vm: &mut Vm) -> TestResult {
     image = "agent",
     profile = "standard",
     timeout = "600s",
-    ignore = "slow: ~110 s per test under TCG, over the issue's one-minute budget; needs the agent image built --with claude-code,codex,aider; run with --ignored"
+    ignore = "slow: 66-206 s per test under TCG here, over the issue's one-minute budget; needs the agent image built --with claude-code,codex,aider; run with --ignored"
 )]
 async fn aider_edits_a_file_in_the_diff_format(vm: &mut Vm) -> TestResult {
     let agent = aider_diff().model(aider_script());
@@ -225,7 +225,7 @@ async fn aider_edits_a_file_in_the_diff_format(vm: &mut Vm) -> TestResult {
     image = "agent",
     profile = "standard",
     timeout = "600s",
-    ignore = "slow: ~110 s per test under TCG, over the issue's one-minute budget; needs the agent image built --with claude-code,codex,aider; run with --ignored"
+    ignore = "slow: 66-206 s per test under TCG here, over the issue's one-minute budget; needs the agent image built --with claude-code,codex,aider; run with --ignored"
 )]
 async fn aider_replays_its_cassette(vm: &mut Vm) -> TestResult {
     let agent = aider_diff().model(Model::replay(cassette("aider.jsonl")));
@@ -241,7 +241,7 @@ async fn aider_replays_its_cassette(vm: &mut Vm) -> TestResult {
     image = "agent",
     profile = "standard",
     timeout = "600s",
-    ignore = "slow: ~110 s per test under TCG, over the issue's one-minute budget; needs the agent image built --with claude-code,codex,aider; run with --ignored"
+    ignore = "slow: 66-206 s per test under TCG here, over the issue's one-minute budget; needs the agent image built --with claude-code,codex,aider; run with --ignored"
 )]
 async fn aider_does_not_run_a_suggested_shell_command(vm: &mut Vm) -> TestResult {
     let model = Model::scripted([Turn::shell("echo hi > shell.txt")]);
