@@ -41,6 +41,7 @@ pub fn parse(body: &Value) -> ParsedRequest {
         tools,
         new_input: new_input(body),
         cwd: find_cwd(body),
+        chat_messages: Vec::new(),
     }
 }
 

@@ -99,6 +99,19 @@ pub struct ParsedRequest {
     pub side: bool,
     /// The agent's working directory if its prompt states it (`… working directory: /x`).
     pub cwd: Option<String>,
+    /// Chat Completions: every message's role and text, in order — where the scripted mode
+    /// finds a tool-less agent's edit format and the current content of the files in its
+    /// chat (see [`crate::script`]). Empty for the other APIs.
+    pub chat_messages: Vec<ChatMessage>,
+}
+
+/// One message of a Chat Completions request, as text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatMessage {
+    /// `system`, `user`, `assistant` or `tool`.
+    pub role: String,
+    /// The text of its content (blocks joined by newlines).
+    pub text: String,
 }
 
 /// A tool call in a reply.

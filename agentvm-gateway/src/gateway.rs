@@ -41,7 +41,8 @@ pub struct GatewayConfig {
     pub model: Model,
     /// Requests with a larger body get `413`.
     pub max_body_bytes: usize,
-    /// Edit format for tool-less Chat Completions agents (Aider).
+    /// Edit format for tool-less Chat Completions agents (Aider) whose prompt names none
+    /// (Aider's does: see [`crate::script`]).
     pub chat_edit_format: ChatEditFormat,
     /// Close a connection that takes longer than this to send a request's headers — which
     /// includes an idle keep-alive connection waiting for its next request, so keep it longer
@@ -73,7 +74,7 @@ impl GatewayConfig {
         self
     }
 
-    /// Sets the edit format for tool-less chat agents.
+    /// Sets the fallback edit format for tool-less chat agents.
     pub fn chat_edit_format(mut self, format: ChatEditFormat) -> Self {
         self.chat_edit_format = format;
         self

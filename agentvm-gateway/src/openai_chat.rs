@@ -4,8 +4,8 @@
 use serde_json::{json, Value};
 
 use crate::api::{
-    content_text, estimate_tokens, find_cwd, Api, InputItem, ParsedRequest, Rendered, Reply, Tool,
-    ToolCall, Usage,
+    content_text, estimate_tokens, find_cwd, Api, ChatMessage, InputItem, ParsedRequest, Rendered,
+    Reply, Tool, ToolCall, Usage,
 };
 use crate::sse::{encode_all, SseEvent};
 
@@ -51,7 +51,25 @@ pub fn parse(body: &Value) -> ParsedRequest {
         new_input: new_input(body),
         side,
         cwd: find_cwd(body),
+        chat_messages: chat_messages(body),
     }
+}
+
+fn chat_messages(body: &Value) -> Vec<ChatMessage> {
+    body.get("messages")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or(&[])
+        .iter()
+        .map(|m| ChatMessage {
+            role: m
+                .get("role")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned(),
+            text: m.get("content").map(content_text).unwrap_or_default(),
+        })
+        .collect()
 }
 
 fn new_input(body: &Value) -> Vec<InputItem> {

@@ -6,8 +6,8 @@
 //! | turn | Anthropic (Claude Code) | Responses (Codex) | Chat with tools | Chat without tools (Aider) |
 //! |---|---|---|---|---|
 //! | `shell` | `Bash {command}` | shell tool | shell tool | a `bash` fenced block |
-//! | `edit` | `Read` (if advertised) + `Edit {file_path, old_string, new_string}`, else shell | shell (python3) | shell (python3) | SEARCH/REPLACE block ([`ChatEditFormat::Diff`] only) |
-//! | `write` | `Write {file_path, content}`, else shell | shell (printf) | shell (printf) | whole-file block |
+//! | `edit` | `Read` (if advertised) + `Edit {file_path, old_string, new_string}`, else shell | shell (python3) | shell (python3) | SEARCH/REPLACE block, or the whole edited file |
+//! | `write` | `Write {file_path, content}`, else shell | shell (printf) | shell (printf) | SEARCH/REPLACE block with an empty SEARCH, or the whole file |
 //! | `text` | text | text | text | text |
 //!
 //! The *shell tool* is the first advertised tool named `Bash`, `exec_command`, `shell`,
@@ -24,6 +24,17 @@
 //! Code 2.1.197 (also `--bare`, where `Write` is missing and the printf fallback applies) and
 //! Codex 0.171.0 against `examples/serve.rs`: shell, edit and write turns all changed the
 //! files as scripted.
+//!
+//! A Chat Completions agent without tools (Aider) edits by writing its edits as text in the
+//! format its system prompt teaches: [`ChatEditFormat::Diff`] when the prompt names the
+//! `*SEARCH/REPLACE block*` format, [`ChatEditFormat::Whole`] when it names the `*file
+//! listing*` format (Aider 0.86.2's `diff` and `whole` prompts), else the gateway's
+//! configured format. In the whole format an edit needs the file's current content: it is
+//! taken from the file listing the agent sent for the files in its chat (`aider notes.txt`
+//! adds `notes.txt`), `old` is replaced there, and the whole file is written back in the
+//! same fence. A shell turn becomes a `bash` block, which only the diff format reads as a
+//! suggested command (the whole format has none: a shell turn there is an error), and which
+//! Aider runs only on an explicit yes (`--yes-always` answers no).
 //!
 //! # Which requests consume a turn
 //!
@@ -105,11 +116,12 @@ impl Turn {
 }
 
 /// How edits are written for a Chat Completions agent that advertises no tools (Aider's
-/// `--edit-format`).
+/// `--edit-format`). The request's own prompt decides when it names a format (see the module
+/// docs); this is the fallback.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ChatEditFormat {
-    /// `path\n```\ncontent\n```\n` (Aider's default `whole` format). An edit turn cannot be
-    /// expressed and is an error: use [`Turn::write`].
+    /// `path\n```\ncontent\n```\n` (Aider's default `whole` format). An edit turn needs the
+    /// file in the agent's chat (its content is in the request).
     #[default]
     Whole,
     /// SEARCH/REPLACE blocks (Aider's `diff` format); writes use an empty SEARCH.
@@ -129,11 +141,29 @@ pub enum TurnError {
         /// The tool names the agent advertised.
         advertised: Vec<String>,
     },
-    /// An edit turn for a tool-less chat agent in whole-file format.
-    #[error("turn {turn} is an edit, which Aider's whole-file format cannot express; use Turn::write or ChatEditFormat::Diff")]
-    EditNeedsDiffFormat {
+    /// A shell turn in the whole-file format, which has no way to suggest a command.
+    #[error("turn {turn} is a shell command, which Aider's whole-file format cannot suggest (it reads a bash block as a file listing without a file name); use the diff edit format (--edit-format diff)")]
+    ShellNeedsDiffFormat {
         /// 1-based turn number.
         turn: usize,
+    },
+    /// An edit turn in the whole-file format for a file whose content the request lacks.
+    #[error("turn {turn} edits {path} in Aider's whole-file format, which needs the file's current content, but {path} is not in the agent's chat; add it (Agent::aider().arg(\"{path}\")), script Turn::write, or use the diff edit format (--edit-format diff)")]
+    EditFileNotInChat {
+        /// 1-based turn number.
+        turn: usize,
+        /// The file.
+        path: String,
+    },
+    /// An edit turn in the whole-file format whose `old` text is not in the file.
+    #[error("turn {turn} replaces {old:?} in {path}, but the content of {path} the agent sent does not contain it")]
+    EditOldNotFound {
+        /// 1-based turn number.
+        turn: usize,
+        /// The file.
+        path: String,
+        /// The text to replace.
+        old: String,
     },
 }
 
@@ -148,7 +178,8 @@ pub fn render_turn(
         return Ok(Reply::text(text.clone()));
     }
     if request.api == Api::OpenAiChat && request.tools.is_empty() {
-        return aider_text(turn, number, chat).map(Reply::text);
+        let format = chat_edit_format(request).unwrap_or(chat);
+        return aider_text(turn, number, request, format).map(Reply::text);
     }
     let abs = |path: &str| absolute(path, request.cwd.as_deref());
     let find = |name: &str| request.tools.iter().find(|t| t.name == name);
@@ -293,22 +324,105 @@ pub fn edit_command(path: &str, old: &str, new: &str) -> String {
     )
 }
 
-fn aider_text(turn: &Turn, number: usize, chat: ChatEditFormat) -> Result<String, TurnError> {
-    Ok(match (turn, chat) {
-        (Turn::Shell { command }, _) => format!("```bash\n{command}\n```\n"),
+/// The edit format the request's prompt teaches, if it names one (system messages first).
+pub fn chat_edit_format(request: &ParsedRequest) -> Option<ChatEditFormat> {
+    let detect = |text: &str| {
+        if text.contains("*SEARCH/REPLACE block*") {
+            Some(ChatEditFormat::Diff)
+        } else if text.contains("*file listing*") {
+            Some(ChatEditFormat::Whole)
+        } else {
+            None
+        }
+    };
+    let messages = &request.chat_messages;
+    messages
+        .iter()
+        .filter(|m| m.role == "system")
+        .find_map(|m| detect(&m.text))
+        .or_else(|| messages.iter().find_map(|m| detect(&m.text)))
+}
+
+/// The fences Aider puts around a file's content (it picks the first that no line of the
+/// files in its chat starts with).
+const FENCES: [(&str, &str); 7] = [
+    ("```", "```"),
+    ("````", "````"),
+    ("<source>", "</source>"),
+    ("<code>", "</code>"),
+    ("<pre>", "</pre>"),
+    ("<codeblock>", "</codeblock>"),
+    ("<sourcecode>", "</sourcecode>"),
+];
+
+/// A file's content as the agent last sent it in a file listing (`path`, the opening fence
+/// on its own line, the content, the closing fence at the start of a line), with that fence.
+pub fn file_listing<'a>(
+    request: &'a ParsedRequest,
+    path: &str,
+) -> Option<(&'a str, (&'static str, &'static str))> {
+    request.chat_messages.iter().rev().find_map(|m| {
+        let text = m.text.as_str();
+        FENCES.iter().find_map(|&(open, close)| {
+            let head = format!("{path}\n{open}\n");
+            text.match_indices(&head)
+                .filter(|(i, _)| *i == 0 || text[..*i].ends_with('\n'))
+                .find_map(|(i, _)| {
+                    let start = i + head.len();
+                    let body = &text[start..];
+                    let end = body.match_indices(close).map(|(j, _)| j).find(|&j| {
+                        (j == 0 || body[..j].ends_with('\n'))
+                            && matches!(body[j + close.len()..].chars().next(), None | Some('\n'))
+                    })?;
+                    Some((&body[..end], (open, close)))
+                })
+        })
+    })
+}
+
+fn aider_text(
+    turn: &Turn,
+    number: usize,
+    request: &ParsedRequest,
+    format: ChatEditFormat,
+) -> Result<String, TurnError> {
+    Ok(match (turn, format) {
+        (Turn::Shell { .. }, ChatEditFormat::Whole) => {
+            return Err(TurnError::ShellNeedsDiffFormat { turn: number })
+        }
+        (Turn::Shell { command }, ChatEditFormat::Diff) => format!("```bash\n{command}\n```\n"),
         (Turn::Write { path, content }, ChatEditFormat::Whole) => {
-            format!(
-                "{path}\n```\n{}\n```\n",
-                content.strip_suffix('\n').unwrap_or(content)
-            )
+            whole_file(path, content, FENCES[0])
         }
         (Turn::Write { path, content }, ChatEditFormat::Diff) => search_replace(path, "", content),
         (Turn::Edit { path, old, new }, ChatEditFormat::Diff) => search_replace(path, old, new),
-        (Turn::Edit { .. }, ChatEditFormat::Whole) => {
-            return Err(TurnError::EditNeedsDiffFormat { turn: number })
+        (Turn::Edit { path, old, new }, ChatEditFormat::Whole) => {
+            let (content, fence) =
+                file_listing(request, path).ok_or_else(|| TurnError::EditFileNotInChat {
+                    turn: number,
+                    path: path.clone(),
+                })?;
+            if !content.contains(old.as_str()) {
+                return Err(TurnError::EditOldNotFound {
+                    turn: number,
+                    path: path.clone(),
+                    old: old.clone(),
+                });
+            }
+            whole_file(path, &content.replacen(old.as_str(), new, 1), fence)
         }
         (Turn::Text { text }, _) => text.clone(),
     })
+}
+
+/// A whole-file listing: `path`, the opening fence, `content` (ending in a newline), the
+/// closing fence.
+fn whole_file(path: &str, content: &str, (open, close): (&str, &str)) -> String {
+    let body = match content.strip_suffix('\n').unwrap_or(content) {
+        "" => String::new(),
+        lines => format!("{lines}\n"),
+    };
+    format!("{path}\n{open}\n{body}{close}\n")
 }
 
 fn search_replace(path: &str, old: &str, new: &str) -> String {
@@ -464,7 +578,101 @@ mod tests {
         );
         let err =
             render_turn(&Turn::edit("a", "b", "c"), 3, &req, ChatEditFormat::Whole).unwrap_err();
-        assert_eq!(err, TurnError::EditNeedsDiffFormat { turn: 3 });
+        assert_eq!(
+            err,
+            TurnError::EditFileNotInChat {
+                turn: 3,
+                path: "a".into()
+            }
+        );
+        assert!(
+            err.to_string().contains("Agent::aider().arg(\"a\")"),
+            "{err}"
+        );
+    }
+
+    /// An Aider-like request: its system prompt names `format`, a few-shot example lists
+    /// another file, and the chat holds `notes.txt` in `fence`.
+    fn aider_request(format: &str, fence: (&str, &str), notes: &str) -> ParsedRequest {
+        let (open, close) = fence;
+        openai_chat::parse(&json!({"messages": [
+            {"role": "system", "content": format!("Act as an expert. Use the {format} format.")},
+            {"role": "user", "content": "Change the greeting"},
+            {"role": "assistant", "content": "notes.txt.bak\n```\nold example\n```\n"},
+            {"role": "user", "content": format!("I have *added these files to the chat*.\n\nnotes.txt\n{open}\n{notes}{close}\n")},
+            {"role": "assistant", "content": "Ok."},
+            {"role": "user", "content": "Change hello to hi in notes.txt."},
+        ]}))
+    }
+
+    #[test]
+    fn the_request_names_its_edit_format() {
+        let fence = FENCES[0];
+        let diff = aider_request("*SEARCH/REPLACE block*", fence, "hello\n");
+        assert_eq!(chat_edit_format(&diff), Some(ChatEditFormat::Diff));
+        let whole = aider_request("*file listing*", fence, "hello\n");
+        assert_eq!(chat_edit_format(&whole), Some(ChatEditFormat::Whole));
+        assert_eq!(chat_edit_format(&aider_request("?", fence, "")), None);
+        // The prompt wins over the configured fallback.
+        let edit = Turn::edit("notes.txt", "hello", "hi");
+        let r = render_turn(&edit, 1, &diff, ChatEditFormat::Whole).unwrap();
+        assert_eq!(
+            r,
+            Reply::text(
+                "notes.txt\n```\n<<<<<<< SEARCH\nhello\n=======\nhi\n>>>>>>> REPLACE\n```\n"
+            )
+        );
+        let r = render_turn(&edit, 1, &whole, ChatEditFormat::Diff).unwrap();
+        assert_eq!(r, Reply::text("notes.txt\n```\nhi\n```\n"));
+        // Only the diff format reads a bash block as a suggested command.
+        let shell = Turn::shell("echo hi > shell.txt");
+        let r = render_turn(&shell, 2, &diff, ChatEditFormat::Whole).unwrap();
+        assert_eq!(r, Reply::text("```bash\necho hi > shell.txt\n```\n"));
+        let err = render_turn(&shell, 2, &whole, ChatEditFormat::Diff).unwrap_err();
+        assert_eq!(err, TurnError::ShellNeedsDiffFormat { turn: 2 });
+    }
+
+    #[test]
+    fn whole_format_edits_the_content_the_agent_sent_in_its_fence() {
+        let fence = ("````", "````");
+        let content = "# Notes\n```\nhello\n```\nhello again\n";
+        let req = aider_request("*file listing*", fence, content);
+        assert_eq!(file_listing(&req, "notes.txt"), Some((content, fence)));
+        // Not a prefix or a suffix of another name.
+        assert_eq!(file_listing(&req, "notes"), None);
+        assert_eq!(file_listing(&req, "s.txt"), None);
+        let r = render_turn(
+            &Turn::edit("notes.txt", "hello", "hi"),
+            1,
+            &req,
+            ChatEditFormat::Whole,
+        )
+        .unwrap();
+        assert_eq!(
+            r,
+            Reply::text("notes.txt\n````\n# Notes\n```\nhi\n```\nhello again\n````\n")
+        );
+        let err = render_turn(
+            &Turn::edit("notes.txt", "bye", "hi"),
+            2,
+            &req,
+            ChatEditFormat::Whole,
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "turn 2 replaces \"bye\" in notes.txt, but the content of notes.txt the agent sent does not contain it"
+        );
+        // An empty file in the chat, emptied by a write.
+        let empty = aider_request("*file listing*", FENCES[0], "");
+        assert_eq!(file_listing(&empty, "notes.txt"), Some(("", FENCES[0])));
+        let r = render_turn(
+            &Turn::write("notes.txt", ""),
+            1,
+            &empty,
+            ChatEditFormat::Whole,
+        );
+        assert_eq!(r.unwrap(), Reply::text("notes.txt\n```\n```\n"));
     }
 
     #[test]

@@ -178,6 +178,55 @@ impl Agent {
         self
     }
 
+    /// [Aider](https://aider.chat) (`aider`, from the `aider` recipe), one
+    /// non-interactive chat turn against the gateway's Chat Completions API:
+    /// `aider --model openai/gpt-agentvm --message "$AGENT_PROMPT"
+    /// --yes-always --no-git …` with `OPENAI_API_BASE` on the tunnelled
+    /// gateway port and a fake key. It is kept offline and quiet: a model
+    /// metadata file written to `~/.aider/` before it starts (else it
+    /// fetches a price list from the internet at every start), litellm's
+    /// bundled cost map, no update check, analytics, release notes, URL
+    /// scraping or browser; its chat and input histories go to `~/.aider/`
+    /// instead of the workspace.
+    ///
+    /// Extra [`Agent::arg`]s go to `aider` after these flags: file names to
+    /// add to the chat (`.arg("notes.txt")`), `--edit-format diff` (the
+    /// default for this unknown model is `whole`), or `--git` to let it
+    /// commit in a repository. The gateway answers in the edit format the
+    /// request asks for (see [`agentvm_gateway::script`]). Aider runs a
+    /// shell command the model suggests (diff format only) only on an
+    /// explicit yes, which `--yes-always` never gives, so a scripted shell
+    /// turn is shown but not run. Give it a [`Model`].
+    pub fn aider() -> Self {
+        Self::command([
+            "sh",
+            "-c",
+            concat!(
+                "command -v aider >/dev/null || { echo 'agentvm: aider is not in this image; ",
+                "build it with: agentvm image build agent --with claude-code,codex,aider' >&2; ",
+                "exit 127; }\n",
+                "mkdir -p \"$HOME/.aider\" && printf '%s\\n' '{\"openai/gpt-agentvm\": {",
+                "\"litellm_provider\": \"openai\", \"mode\": \"chat\", \"max_input_tokens\": 128000, ",
+                "\"max_output_tokens\": 8192, \"input_cost_per_token\": 0, \"output_cost_per_token\": 0}}' ",
+                "> \"$HOME/.aider/agentvm-model.json\" || exit 1\n",
+                "exec aider --model openai/gpt-agentvm --model-metadata-file \"$HOME/.aider/agentvm-model.json\" ",
+                "--message \"$AGENT_PROMPT\" --yes-always --no-git --no-check-update --no-analytics ",
+                "--no-show-release-notes --no-show-model-warnings --no-pretty --no-fancy-input --no-detect-urls ",
+                "--chat-history-file \"$HOME/.aider/chat.history.md\" ",
+                "--input-history-file \"$HOME/.aider/input.history\" \"$@\" </dev/null",
+            ),
+            // `$0` of the script; the agent's args follow as "$@".
+            "aider",
+        ])
+        .env("OPENAI_API_BASE", format!("{MODEL_BASE_URL}/v1"))
+        .env("OPENAI_API_KEY", GATEWAY_API_KEY)
+        // litellm's bundled cost map instead of a download at import.
+        .env("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+        // `--yes-always` says yes to "Open URL?": a browser that does nothing.
+        .env("BROWSER", "true")
+        .timeout(REAL_AGENT_TIMEOUT)
+    }
+
     /// Answers the agent's model requests with `model` — scripted turns, a
     /// replayed cassette or a recording — through the model gateway on the
     /// guest's `127.0.0.1:8787` ([`MODEL_PORT`]). What the agent asked and
