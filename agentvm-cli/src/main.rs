@@ -85,7 +85,7 @@ enum Command {
 #[derive(Debug, Subcommand)]
 enum ImageCommand {
     /// Build a guest image (kernel + initramfs, and a Debian root file
-    /// system for `agent`) into <out>/<name>/; does nothing if it is up to
+    /// system for `agent`) into OUT/NAME/; does nothing if it is up to
     /// date.
     Build(Box<agentvm_image::BuildImageArgs>),
 }

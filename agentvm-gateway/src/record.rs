@@ -141,7 +141,7 @@ const DROPPED_HEADERS: [&str; 9] = [
     "keep-alive",
 ];
 
-/// The headers sent upstream: the agent's, minus [`DROPPED_HEADERS`], plus the host's key.
+/// The headers sent upstream: the agent's, minus the hop-by-hop and recomputed ones and its (fake) credentials, plus the host's key.
 pub fn upstream_headers(api: Api, incoming: &HeaderMap, key: &str) -> HeaderMap {
     let mut out = HeaderMap::new();
     for (name, value) in incoming {

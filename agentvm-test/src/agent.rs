@@ -229,7 +229,7 @@ impl Agent {
 
     /// Answers the agent's model requests with `model` — scripted turns, a
     /// replayed cassette or a recording — through the model gateway on the
-    /// guest's `127.0.0.1:8787` ([`MODEL_PORT`]). What the agent asked and
+    /// guest's `127.0.0.1:8787` (`MODEL_PORT`). What the agent asked and
     /// got is in [`AgentRun::transcript`](crate::AgentRun::transcript); a
     /// request the model cannot answer (script ran out, no cassette match)
     /// fails the run with the gateway's message.

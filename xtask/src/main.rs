@@ -20,7 +20,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Build the guest image (kernel + initramfs) into target/agentvm/images/<name>/.
+    /// Build the guest image (kernel + initramfs) into target/agentvm/images/NAME/.
     BuildImage(Box<image::BuildImageArgs>),
     /// Install missing system packages (QEMU, busybox-static) and build the guest image.
     Setup(tasks::SetupArgs),
