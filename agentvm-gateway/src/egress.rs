@@ -126,6 +126,17 @@ impl Allowlist {
         Ok(Self { patterns })
     }
 
+    /// Whether it has no pattern (allows nothing).
+    pub fn is_empty(&self) -> bool {
+        self.patterns.is_empty()
+    }
+
+    /// This list and `other`'s patterns.
+    pub fn extended(mut self, other: Allowlist) -> Self {
+        self.patterns.extend(other.patterns);
+        self
+    }
+
     /// Whether `host:port` may be reached.
     pub fn allows(&self, host: &str, port: u16) -> bool {
         self.patterns.iter().any(|p| p.matches(host, port))
@@ -203,6 +214,16 @@ pub enum ConnectionKind {
     Connect,
     /// A plain-HTTP request in absolute form.
     Http,
+}
+
+impl ConnectionKind {
+    /// `connect` or `http`, as serialized.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Connect => "connect",
+            Self::Http => "http",
+        }
+    }
 }
 
 /// One connection through (or refused by) the proxy.

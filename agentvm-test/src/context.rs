@@ -47,7 +47,7 @@ pub(crate) struct TestContext {
     pub network: NetworkMode,
     /// The test's egress allowlist: the configured `allow` (in `allowlist`
     /// mode) and the attribute's.
-    pub allow: Vec<String>,
+    pub allow: agentvm_gateway::Allowlist,
 }
 
 pub(crate) type SharedContext = Arc<Mutex<TestContext>>;
@@ -68,7 +68,7 @@ impl TestContext {
             snapshot_diffs: Vec::new(),
             secrets: Secrets::new(),
             network: NetworkMode::default(),
-            allow: Vec::new(),
+            allow: agentvm_gateway::Allowlist::default(),
         }))
     }
 }

@@ -271,7 +271,7 @@ struct Shape {
     /// The test's network mode.
     mode: NetworkMode,
     /// The test's egress allowlist (configured and attribute patterns).
-    allow: Vec<String>,
+    allow: agentvm_gateway::Allowlist,
 }
 
 impl Shape {
@@ -320,7 +320,7 @@ fn egress_allowlist(
     mode: &NetworkMode,
     configured: &[String],
     attribute: &[&str],
-) -> Result<Vec<String>, String> {
+) -> Result<agentvm_gateway::Allowlist, String> {
     let mut allow: Vec<String> = match mode {
         NetworkMode::Allowlist => configured.to_vec(),
         _ => Vec::new(),
@@ -332,8 +332,7 @@ fn egress_allowlist(
              network = \"{mode}\" has no egress proxy"
         ));
     }
-    agentvm_gateway::Allowlist::parse(&allow).map_err(|e| e.to_string())?;
-    Ok(allow)
+    agentvm_gateway::Allowlist::parse(&allow).map_err(|e| e.to_string())
 }
 
 struct Harness {
@@ -1085,13 +1084,17 @@ mod tests {
         let isolated = with(Some("isolated"), &[]).unwrap();
         let allowlist = with(Some("allowlist"), &["test.example"]).unwrap();
         assert_eq!(allowlist.mode, NetworkMode::Allowlist);
-        assert_eq!(allowlist.allow, ["suite.example:443", "test.example"]);
+        let parsed = |entries: &[&str]| agentvm_gateway::Allowlist::parse(entries).unwrap();
+        assert_eq!(
+            allowlist.allow,
+            parsed(&["suite.example:443", "test.example"])
+        );
         for shape in [&gateway, &isolated, &allowlist] {
             assert_eq!(shape.network, NetworkMode::Isolated);
             assert_eq!(shape.key, "default/1x256MiB/isolated");
         }
         let per_test = with(None, &["test.example:80"]).unwrap();
-        assert_eq!(per_test.allow, ["test.example:80"]);
+        assert_eq!(per_test.allow, parsed(&["test.example:80"]));
         let e = with(Some("isolated"), &["test.example"]).unwrap_err();
         assert!(e.contains("needs network = \"allowlist\""), "{e}");
         config.allow = vec!["*bad*.example".into()];

@@ -306,9 +306,12 @@ async fn run_agent(vm: &mut Vm, agent: &Agent, task: &Task) -> Result<AgentRun, 
             let c = c.lock().unwrap_or_else(|e| e.into_inner());
             (c.network.clone(), c.allow.clone())
         }
-        None => (vm.spec().network.clone(), Vec::new()),
+        None => (
+            vm.spec().network.clone(),
+            agentvm_gateway::Allowlist::default(),
+        ),
     };
-    let allowlist = egress_allowlist(&network, allow, &agent.allow)?;
+    let allowlist = run_allowlist(&network, allow, &agent.allow)?;
     if agent.model.is_some() && !network.reaches_model_gateway() {
         return Err(AgentError::Invalid {
             what: "network",
@@ -361,10 +364,7 @@ async fn run_agent(vm: &mut Vm, agent: &Agent, task: &Task) -> Result<AgentRun, 
     let outside = changes.as_ref().ok().map(|c| c.outside_workspace.len());
     record_phase(context.as_ref(), PhaseKind::Capture, capture_started);
     let info = RunInfo {
-        agent: argv
-            .first()
-            .map(|p| p.rsplit('/').next().unwrap_or(p).to_string())
-            .unwrap_or_default(),
+        agent: agent_name(&argv),
         argv: argv.clone(),
         prompt: task
             .prompt
@@ -405,17 +405,17 @@ impl ModelSession {
     async fn start(vm: &mut Vm, model: &agentvm_gateway::Model) -> Result<Self, AgentError> {
         let gateway =
             agentvm_gateway::Gateway::new(agentvm_gateway::GatewayConfig::new(model.clone()))?;
-        let mut listener = vm
-            .tunnel_listen(crate::agent::MODEL_PORT)
-            .await
-            .map_err(AgentError::vm("opening the model port in the guest"))?;
         let serving = gateway.clone();
-        let server = tokio::spawn(async move {
-            while let Ok(stream) = listener.accept().await {
+        let server = serve_tunnelled(
+            vm,
+            crate::agent::MODEL_PORT,
+            "opening the model port in the guest",
+            move |stream| {
                 let gateway = serving.clone();
-                tokio::spawn(async move { gateway.serve_connection(stream).await });
-            }
-        });
+                async move { gateway.serve_connection(stream).await }
+            },
+        )
+        .await?;
         Ok(Self { gateway, server })
     }
 
@@ -433,11 +433,31 @@ impl ModelSession {
     }
 }
 
+/// Serves every connection guest processes make to `port` on its own task,
+/// until the returned task is aborted.
+async fn serve_tunnelled<F, Fut>(
+    vm: &mut Vm,
+    port: u16,
+    step: &'static str,
+    serve: F,
+) -> Result<tokio::task::JoinHandle<()>, AgentError>
+where
+    F: Fn(agentvm_runtime::tunnel::TunnelStream) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let mut listener = vm.tunnel_listen(port).await.map_err(AgentError::vm(step))?;
+    Ok(tokio::spawn(async move {
+        while let Ok(stream) = listener.accept().await {
+            tokio::spawn(serve(stream));
+        }
+    }))
+}
+
 /// The egress proxy's allowlist for a run in `network` mode (`None`: the mode
-/// has no proxy): the test's patterns and the agent's own.
-fn egress_allowlist(
+/// has no proxy): the test's list and the agent's own patterns.
+fn run_allowlist(
     network: &NetworkMode,
-    mut allow: Vec<String>,
+    test_allow: agentvm_gateway::Allowlist,
     agent_allow: &[String],
 ) -> Result<Option<agentvm_gateway::Allowlist>, AgentError> {
     if !network.offers_egress_proxy() {
@@ -452,9 +472,8 @@ fn egress_allowlist(
         }
         return Ok(None);
     }
-    allow.extend(agent_allow.iter().cloned());
-    agentvm_gateway::Allowlist::parse(&allow)
-        .map(Some)
+    agentvm_gateway::Allowlist::parse(agent_allow)
+        .map(|agent| Some(test_allow.extended(agent)))
         .map_err(|e| AgentError::Invalid {
             what: "allowlist",
             message: e.to_string(),
@@ -474,17 +493,17 @@ impl EgressSession {
 
     async fn start(vm: &mut Vm, allowlist: agentvm_gateway::Allowlist) -> Result<Self, AgentError> {
         let proxy = agentvm_gateway::EgressProxy::new(allowlist);
-        let mut listener = vm
-            .tunnel_listen(crate::agent::PROXY_PORT)
-            .await
-            .map_err(AgentError::vm("opening the egress proxy port in the guest"))?;
         let serving = proxy.clone();
-        let server = tokio::spawn(async move {
-            while let Ok(stream) = listener.accept().await {
+        let server = serve_tunnelled(
+            vm,
+            crate::agent::PROXY_PORT,
+            "opening the egress proxy port in the guest",
+            move |stream| {
                 let proxy = serving.clone();
-                tokio::spawn(async move { proxy.serve_connection(stream).await });
-            }
-        });
+                async move { proxy.serve_connection(stream).await }
+            },
+        )
+        .await?;
         Ok(Self { proxy, server })
     }
 
@@ -521,11 +540,7 @@ fn emit_connection(test: &str, vm: &str, record: &agentvm_gateway::ConnectionRec
             vm: vm.to_string(),
             host: record.host.clone(),
             port: record.port,
-            kind: match record.kind {
-                agentvm_gateway::ConnectionKind::Connect => "connect",
-                agentvm_gateway::ConnectionKind::Http => "http",
-            }
-            .to_string(),
+            kind: record.kind.as_str().to_string(),
             allowed: record.allowed,
             bytes_up: record.bytes_up,
             bytes_down: record.bytes_down,
@@ -533,6 +548,13 @@ fn emit_connection(test: &str, vm: &str, record: &agentvm_gateway::ConnectionRec
             error: record.error.clone(),
         },
     ));
+}
+
+/// The agent's name: its program's file name.
+fn agent_name(argv: &[String]) -> String {
+    argv.first()
+        .map(|p| p.rsplit('/').next().unwrap_or(p).to_string())
+        .unwrap_or_default()
 }
 
 /// Emits the [`Event::Execution`](agentvm_runtime::events::Event::Execution) of a run.
@@ -548,15 +570,11 @@ fn emit_execution(
         (None, None) => None,
         (u, s) => Some(u.unwrap_or_default().as_secs_f64() + s.unwrap_or_default().as_secs_f64()),
     };
-    let agent = argv
-        .first()
-        .map(|p| p.rsplit('/').next().unwrap_or(p).to_string())
-        .unwrap_or_default();
     agentvm_runtime::events::emit(agentvm_runtime::events::Event::Execution(
         agentvm_runtime::events::Execution {
             test,
             vm: vm.to_string(),
-            agent,
+            agent: agent_name(&argv),
             argv,
             exit_code: match report.status {
                 ExitStatus::Code(code) => Some(code),
