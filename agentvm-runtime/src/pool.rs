@@ -272,10 +272,7 @@ impl VmPool {
                 vm.health_check().await.map_err(|e| e.to_string())
             };
             match verdict {
-                Ok(()) => {
-                    self.inner.state.lock().expect("pool lock").reverting -= 1;
-                    self.offer(vm).await;
-                }
+                Ok(()) => self.offer(vm, Counted::Reverting).await,
                 Err(reason) => {
                     tracing::warn!(vm = vm.id(), %reason, "idle VM replaced");
                     if !expired {
@@ -506,12 +503,12 @@ impl VmPool {
                 Vm::boot(pool.inner.backend.as_ref(), pool.inner.config.spec.clone()).await;
             match result {
                 Ok(vm) => {
-                    {
-                        let mut state = pool.inner.state.lock().expect("pool lock");
-                        state.booting -= 1;
-                        state.consecutive_boot_failures = 0;
-                    }
-                    pool.offer(vm).await;
+                    pool.inner
+                        .state
+                        .lock()
+                        .expect("pool lock")
+                        .consecutive_boot_failures = 0;
+                    pool.offer(vm, Counted::Booting).await;
                 }
                 Err(error) => {
                     tracing::warn!(%error, "VM boot failed");
@@ -553,11 +550,21 @@ impl VmPool {
         }
     }
 
-    /// Gives a ready VM to the first waiter, or parks it as idle.
-    async fn offer(&self, mut vm: Vm) {
+    /// Gives a ready VM to the first waiter, or parks it as idle. `from` is
+    /// the state the VM leaves; it is left under the same lock that places the
+    /// VM, so the VM is never uncounted — an acquire in between would see the
+    /// pool below `max_size` and boot one VM too many.
+    async fn offer(&self, mut vm: Vm, from: Counted) {
+        let mut leaving = Some(from);
         loop {
             let waiter = {
                 let mut state = self.inner.state.lock().expect("pool lock");
+                match leaving.take() {
+                    Some(Counted::Booting) => state.booting -= 1,
+                    Some(Counted::Reverting) => state.reverting -= 1,
+                    Some(Counted::Leased) => state.leased -= 1,
+                    None => {}
+                }
                 if state.shutting_down {
                     state.destroyed += 1;
                     None
@@ -580,7 +587,7 @@ impl VmPool {
                 Ok(()) => return,
                 Err(Ok(returned)) => {
                     // That caller gave up; try the next one.
-                    self.inner.state.lock().expect("pool lock").leased -= 1;
+                    leaving = Some(Counted::Leased);
                     vm = returned;
                 }
                 Err(Err(_)) => unreachable!("we sent Ok"),
@@ -622,11 +629,7 @@ impl VmPool {
             match reverted {
                 Ok(timings) => match vm.health_check().await {
                     Ok(()) => {
-                        {
-                            let mut state = self.inner.state.lock().expect("pool lock");
-                            state.reverting -= 1;
-                        }
-                        self.offer(vm).await;
+                        self.offer(vm, Counted::Reverting).await;
                         self.changed();
                         return ReleaseOutcome::Reverted(timings);
                     }
@@ -664,6 +667,14 @@ impl VmPool {
         let _ = vm.destroy_because("broken").await;
         ReleaseOutcome::Destroyed(error.to_string())
     }
+}
+
+/// The counter a VM is in while it is not idle (see [`VmPool::offer`]).
+#[derive(Debug, Clone, Copy)]
+enum Counted {
+    Booting,
+    Reverting,
+    Leased,
 }
 
 /// A VM held by a caller. Dereferences to [`Vm`]. Dropping it gives the VM
