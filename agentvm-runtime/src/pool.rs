@@ -500,7 +500,17 @@ impl VmPool {
         let pool = self.clone();
         self.inner.runtime.spawn(async move {
             let result =
-                Vm::boot(pool.inner.backend.as_ref(), pool.inner.config.spec.clone()).await;
+                match Vm::boot(pool.inner.backend.as_ref(), pool.inner.config.spec.clone()).await {
+                    // A VM started from the golden cache was restored: warm it.
+                    Ok(mut vm) => match vm.warm_up().await {
+                        Ok(_) => Ok(vm),
+                        Err(error) => {
+                            let _ = vm.destroy_because("broken").await;
+                            Err(error)
+                        }
+                    },
+                    Err(error) => Err(error),
+                };
             match result {
                 Ok(vm) => {
                     pool.inner
@@ -624,6 +634,11 @@ impl VmPool {
         } else {
             let reverted = match vm.delete_user_snapshots().await {
                 Ok(_) => vm.revert().await,
+                Err(error) => Err(error),
+            };
+            // Warm the guest's code up now, off the next test's path.
+            let reverted = match reverted {
+                Ok(timings) => vm.warm_up().await.map(|_| timings),
                 Err(error) => Err(error),
             };
             match reverted {

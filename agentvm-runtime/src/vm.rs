@@ -25,6 +25,9 @@ use crate::spec::{NetworkMode, VmSpec};
 pub const SERIAL_TAIL_LINES: usize = 40;
 /// How long a resynchronisation after a revert may take.
 pub const RESYNC_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long [`Vm::warm_up`]'s no-op command may take.
+const WARM_UP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Extra time the host grants the guest beyond a command's own timeout
 /// before it declares the guest hung.
 pub const HOST_EXEC_SLACK: Duration = Duration::from_secs(30);
@@ -83,6 +86,14 @@ pub enum VmError {
         now: MachineState,
         /// The deadline.
         after: Duration,
+    },
+    /// The no-op command of [`Vm::warm_up`] did not succeed.
+    #[error("VM {vm}: the warm-up command `sh -c :` after a restore ended with {status}; the guest is not usable")]
+    WarmUp {
+        /// VM id.
+        vm: String,
+        /// How the command ended.
+        status: String,
     },
     /// The guest could not take a DHCP lease for its network interface.
     #[error("VM {vm}: DHCP on its network interface failed: {problem}")]
@@ -796,6 +807,28 @@ impl Vm {
             network,
             total,
         })
+    }
+
+    /// Runs a no-op shell command (`sh -c :`) so that the guest's next
+    /// command does not pay for a cold start. Under TCG, restoring a snapshot
+    /// throws away all translated guest code (QEMU flushes its translation
+    /// cache on `loadvm`), and the first command after a revert took ~150 ms
+    /// against ~15 ms warm; after this warm-up the first command costs about
+    /// twice a warm one (`cargo xtask bench`, `first_exec_*` figures). The
+    /// pool calls it in the background after every revert, off the test's
+    /// path. Returns how long it took.
+    pub async fn warm_up(&mut self) -> Result<Duration, VmError> {
+        let start = Instant::now();
+        let out = self
+            .exec(Command::shell(":").timeout(WARM_UP_TIMEOUT))
+            .await?;
+        if out.report.status != ExitStatus::Code(0) {
+            return Err(VmError::WarmUp {
+                vm: self.id().to_string(),
+                status: format!("{:?}", out.report.status),
+            });
+        }
+        Ok(start.elapsed())
     }
 
     /// Checks that the VM runs and its agent answers.

@@ -159,8 +159,12 @@ struct Revert {
     total_ms: f64,
     restore_ms: f64,
     resync_ms: f64,
-    /// The first command after the revert (a one-line shell write).
+    /// The first command after the revert (a one-line shell write), after
+    /// the warm-up when `warm_up_ms` is set.
     first_exec_ms: f64,
+    /// [`Vm::warm_up`] between the revert and the first command, as the pool
+    /// does after every revert (every other revert; `None` on the others).
+    warm_up_ms: Option<f64>,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -485,6 +489,13 @@ async fn run(args: &Args) -> Result<Raw> {
         .await?;
     for i in 0..args.reverts {
         let t = vm.revert().await?;
+        // Every other revert is followed by the pool's warm-up, so that one
+        // run gives the first command both cold and warmed.
+        let warm_up_ms = if i % 2 == 1 {
+            Some(ms(vm.warm_up().await?))
+        } else {
+            None
+        };
         let start = Instant::now();
         vm.exec(Command::shell(format!("echo {i} > /workspace/f{fill}")))
             .await?;
@@ -493,6 +504,7 @@ async fn run(args: &Args) -> Result<Raw> {
             restore_ms: ms(t.restore),
             resync_ms: ms(t.resync.elapsed),
             first_exec_ms: ms(start.elapsed()),
+            warm_up_ms,
         });
     }
 

@@ -22,6 +22,7 @@ use std::path::Path;
 
 use super::accel::ResolvedAccel;
 use super::rundir::VmPaths;
+use super::state_io::StateIo;
 use super::transport::Transport;
 use crate::spec::{NetworkMode, VmSpec};
 
@@ -101,6 +102,8 @@ pub struct LaunchArgs<'a> {
     pub host_tsc_khz: Option<u32>,
     /// Start with the vCPUs stopped (`-S`), e.g. to load a snapshot first.
     pub start_paused: bool,
+    /// How QEMU does I/O on the state disk.
+    pub state_io: StateIo,
 }
 
 /// The full argument list (without the program name).
@@ -133,7 +136,7 @@ pub fn build_argv(a: &LaunchArgs<'_>) -> Result<Vec<String>, ArgvError> {
     argv.extend(serial_console_args(&a.paths.serial_log)?);
     argv.extend(channel_args(a.channel, &a.paths.ctl_socket)?);
     argv.extend(qmp_args(&a.paths.qmp_socket)?);
-    argv.extend(state_drive_args(&a.paths.state_disk)?);
+    argv.extend(state_drive_args(&a.paths.state_disk, a.state_io)?);
     if let Some(rootfs) = &a.spec.image.rootfs {
         argv.extend(rootfs_drive_args(rootfs)?);
     }
@@ -282,13 +285,15 @@ pub fn qmp_args(qmp_socket: &Path) -> Result<Vec<String>, ArgvError> {
     ])
 }
 
-/// The snapshot-state qcow2, attached to no guest device.
-pub fn state_drive_args(state_disk: &Path) -> Result<Vec<String>, ArgvError> {
+/// The snapshot-state qcow2, attached to no guest device, read and written
+/// with `io` ([`super::state_io`]).
+pub fn state_drive_args(state_disk: &Path, io: StateIo) -> Result<Vec<String>, ArgvError> {
     Ok(vec![
         "-drive".into(),
         format!(
-            "file={},if=none,id=state,format=qcow2",
-            opt_value(utf8(state_disk)?)
+            "file={},if=none,id=state,format=qcow2,aio={}",
+            opt_value(utf8(state_disk)?),
+            io.aio()
         ),
     ])
 }
@@ -381,6 +386,7 @@ mod tests {
             channel: ChannelConfig::VirtioSerial,
             host_tsc_khz: Some(2_596_120),
             start_paused: false,
+            state_io: StateIo::IoUring,
         })
         .unwrap();
         let expected = [
@@ -423,7 +429,7 @@ mod tests {
             "-mon",
             "chardev=qmp,mode=control",
             "-drive",
-            "file=/run/agentvm/vms/7-0/state.qcow2,if=none,id=state,format=qcow2",
+            "file=/run/agentvm/vms/7-0/state.qcow2,if=none,id=state,format=qcow2,aio=io_uring",
         ];
         assert_eq!(argv, expected);
     }
@@ -441,6 +447,7 @@ mod tests {
             channel: ChannelConfig::VirtioSerial,
             host_tsc_khz: None,
             start_paused: false,
+            state_io: StateIo::IoUring,
         })
         .unwrap();
         assert_eq!(
@@ -538,6 +545,7 @@ mod tests {
             channel: ChannelConfig::VirtioSerial,
             host_tsc_khz: Some(2_596_120),
             start_paused: false,
+            state_io: StateIo::IoUring,
         })
         .unwrap();
         let append = argv.iter().position(|a| a == "-append").unwrap();
@@ -557,6 +565,7 @@ mod tests {
                 channel: ChannelConfig::VirtioSerial,
                 host_tsc_khz: None,
                 start_paused,
+                state_io: StateIo::IoUring,
             })
             .unwrap()
         };
@@ -569,10 +578,10 @@ mod tests {
     #[test]
     fn commas_in_paths_are_escaped() {
         assert_eq!(opt_value("/a,b/c"), "/a,,b/c");
-        let args = state_drive_args(Path::new("/tmp/a,b/state.qcow2")).unwrap();
+        let args = state_drive_args(Path::new("/tmp/a,b/state.qcow2"), StateIo::Threads).unwrap();
         assert_eq!(
             args[1],
-            "file=/tmp/a,,b/state.qcow2,if=none,id=state,format=qcow2"
+            "file=/tmp/a,,b/state.qcow2,if=none,id=state,format=qcow2,aio=threads"
         );
     }
 
@@ -599,6 +608,7 @@ mod tests {
                 channel: ChannelConfig::VirtioSerial,
                 host_tsc_khz: None,
                 start_paused: false,
+                state_io: StateIo::IoUring,
             })
         };
         for mode in [

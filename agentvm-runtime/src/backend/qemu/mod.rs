@@ -26,6 +26,7 @@ pub mod jail;
 pub mod process;
 pub mod qmp;
 pub mod rundir;
+pub mod state_io;
 pub mod transport;
 
 use std::path::{Path, PathBuf};
@@ -43,6 +44,7 @@ use self::jail::{CgroupLimits, Jail};
 use self::process::{describe_exit, QemuProcess};
 use self::qmp::{QmpClient, QmpError};
 use self::rundir::VmPaths;
+use self::state_io::StateIo;
 use self::transport::{Transport, TransportDecision};
 use super::{
     Backend, BackendError, BoxedChannel, FromConfig, Machine, MachineState, RestoredMachine,
@@ -125,6 +127,7 @@ pub struct QemuBackend {
     state_disk_mib: u32,
     auto_accel: AccelDecision,
     host_tsc_khz: Option<u32>,
+    state_io: StateIo,
     transport: TransportDecision,
     timeouts: QemuTimeouts,
     golden: Option<GoldenCache>,
@@ -182,6 +185,7 @@ impl QemuBackend {
         let transport = transport::detect_transport();
         let golden = (config.golden_cache && transport.transport == Transport::VirtioSerial)
             .then(|| GoldenCache::new(root.join("golden")));
+        let state_io = state_io::detect(&qemu_img, &root);
         Ok(Self {
             qemu,
             qemu_img,
@@ -190,6 +194,7 @@ impl QemuBackend {
             state_disk_mib: config.state_disk_mib.unwrap_or(32),
             auto_accel: accel::detect(Accel::Auto),
             host_tsc_khz: accel::detect_host_tsc_khz(),
+            state_io,
             transport,
             timeouts: config.timeouts,
             golden,
@@ -290,6 +295,7 @@ impl QemuBackend {
             channel: ChannelConfig::VirtioSerial,
             host_tsc_khz: self.host_tsc_khz,
             start_paused: false,
+            state_io: self.state_io,
         })
         .ok()?;
         let files = [&self.qemu, &spec.image.kernel, &spec.image.initramfs]
@@ -409,6 +415,7 @@ impl QemuBackend {
             channel,
             host_tsc_khz: self.host_tsc_khz,
             start_paused,
+            state_io: self.state_io,
         };
         let args = argv::build_argv(&launch)
             .map_err(|e| control(&id, "building the QEMU command line", e.to_string()))?;
