@@ -37,6 +37,11 @@ if ! command -v npm >/dev/null; then
     $SUDO apt-get install -y -qq --no-install-recommends nodejs npm
 fi
 
+# The bench's container baseline (`cargo xtask bench`, peer rows): Debian's
+# Docker engine; the bench starts its own dockerd (no bridge, no iptables) when
+# none runs, and imports its image locally (no registry).
+$SUDO apt-get install -y -qq --no-install-recommends docker.io
+
 # Headless Chromium: `cargo xtask report-check` loads the HTML report in it.
 $SUDO apt-get install -y -qq --no-install-recommends chromium
 

@@ -191,6 +191,10 @@ pub struct Report {
     pub artifacts_dir: String,
     /// The Debian `agent` image, when built (`null` otherwise).
     pub agent_image: Option<super::agent_image::AgentImageReport>,
+    /// Docker and vmtest doing the same work, with ratios against this run.
+    pub peers: Option<super::peers::PeersReport>,
+    /// The suite under cargo-nextest, with and without the pool daemon.
+    pub nextest: Option<super::peers::Outcome<super::nextest::NextestReport>>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -574,6 +578,8 @@ impl Report {
             where_the_time_goes: Vec::new(),
             artifacts_dir,
             agent_image: None,
+            peers: None,
+            nextest: None,
         };
         report.where_the_time_goes = report.explain();
         report
