@@ -234,6 +234,8 @@ fn measure_inner(printer: &Printer, setup: &Setup) -> Result<NextestReport, Stri
     if setup.libvirt {
         package.extend(["--features".into(), "libvirt".into()]);
     }
+    printer.note("building the suite (untimed)");
+    build(setup, &nextest, &package)?;
     let mut cargo_test = vec!["test".to_string()];
     cargo_test.extend(package.iter().cloned());
     cargo_test.push("--".into());
@@ -281,16 +283,14 @@ fn measure_inner(printer: &Printer, setup: &Setup) -> Result<NextestReport, Stri
     ))
 }
 
-fn run_one(
+/// `cargo args…` in the suite runs' environment.
+fn cargo_command(
     setup: &Setup,
     nextest: &Path,
-    key: &str,
+    artifacts: &Path,
     args: &[String],
     pool: Option<&str>,
-) -> Result<TimedRun, String> {
-    let log = setup.out_dir.join(format!("{key}.log"));
-    let artifacts = setup.out_dir.join(key);
-    let _ = std::fs::remove_dir_all(&artifacts);
+) -> Result<Command, String> {
     let runtime = setup.out_dir.join("suite-runtime");
     std::fs::create_dir_all(&runtime).map_err(|e| e.to_string())?;
     let mut command = Command::new(cargo());
@@ -298,7 +298,7 @@ fn run_one(
         .args(args)
         .current_dir(setup.root)
         .env("AGENT_VM_BACKEND", setup.backend)
-        .env("AGENT_VM_ARTIFACTS_DIR", &artifacts)
+        .env("AGENT_VM_ARTIFACTS_DIR", artifacts)
         .env("XDG_RUNTIME_DIR", &runtime)
         .env("AGENT_VM_GOLDEN_CACHE", "true")
         .env("CARGO_TERM_COLOR", "never")
@@ -325,6 +325,42 @@ fn run_one(
             command.env("PATH", joined);
         }
     }
+    Ok(command)
+}
+
+/// Builds the test binary untimed (the environment of a nested cargo may
+/// make it rebuild a few crates), so the timed runs only check it is fresh.
+fn build(setup: &Setup, nextest: &Path, package: &[String]) -> Result<(), String> {
+    let mut args = vec!["test".to_string(), "--no-run".into()];
+    args.extend(package.iter().cloned());
+    let log = setup.out_dir.join("nextest-build.log");
+    let out = cargo_command(setup, nextest, &setup.out_dir.join("build"), &args, None)?
+        .output()
+        .map_err(|e| format!("starting cargo test --no-run: {e}"))?;
+    let _ = std::fs::write(&log, &out.stderr);
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "`cargo {}` failed ({}); its output is in {}",
+            args.join(" "),
+            out.status,
+            log.display()
+        ))
+    }
+}
+
+fn run_one(
+    setup: &Setup,
+    nextest: &Path,
+    key: &str,
+    args: &[String],
+    pool: Option<&str>,
+) -> Result<TimedRun, String> {
+    let log = setup.out_dir.join(format!("{key}.log"));
+    let artifacts = setup.out_dir.join(key);
+    let _ = std::fs::remove_dir_all(&artifacts);
+    let mut command = cargo_command(setup, nextest, &artifacts, args, pool)?;
     let started = Instant::now();
     let out = command
         .output()
