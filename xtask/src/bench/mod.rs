@@ -249,6 +249,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
         &printer,
         &nextest_setup(&args, &root, &out_dir, &plan),
     ));
+    // The whole run, these rows included (the quick-run target says "whole").
+    report.duration_s = stats::round3(printer.elapsed_secs());
+    if let Some(t) = report.targets.iter_mut().find(|t| t.name == "quick_run_s") {
+        t.value = report.duration_s;
+        t.met = report.duration_s < report::TARGET_QUICK_RUN_S;
+    }
     write_json(&json_path, &report)?;
     printer.phase(format!("report written to {}", json_path.display()));
     println!("\n{}", report.render());

@@ -54,6 +54,8 @@ pub struct NextestReport {
     pub goal_met: bool,
     /// `nextest_daemon.wall_s / nextest_local.wall_s`.
     pub daemon_vs_local: f64,
+    /// Seconds these rows added to the run (the untimed build included).
+    pub duration_s: f64,
 }
 
 impl NextestReport {
@@ -83,13 +85,14 @@ impl NextestReport {
             cargo_test,
             nextest_local,
             nextest_daemon,
+            duration_s: 0.0,
         }
     }
 
     pub fn render(&self) -> String {
         let mut out = format!(
-            "\nsuite of {} trivial tests, {} at a time, per runner ({})\n",
-            self.tests, self.test_threads, self.nextest_version
+            "\nsuite of {} trivial tests, {} at a time, per runner ({}; {:.0} s)\n",
+            self.tests, self.test_threads, self.nextest_version, self.duration_s
         );
         for (label, run) in [
             ("cargo test (one process, one pool)", &self.cargo_test),
@@ -212,6 +215,7 @@ pub fn measure(printer: &Printer, setup: &Setup) -> Outcome<NextestReport> {
 }
 
 fn measure_inner(printer: &Printer, setup: &Setup) -> Result<NextestReport, String> {
+    let started = Instant::now();
     let nextest = find_nextest(printer, setup.root, setup.install)?;
     let version = Command::new(&nextest)
         .args(["nextest", "--version"])
@@ -274,13 +278,9 @@ fn measure_inner(printer: &Printer, setup: &Setup) -> Result<NextestReport, Stri
         timed.push(run);
     }
     let [cargo_test, local, daemon]: [TimedRun; 3] = timed.try_into().expect("three runs");
-    Ok(NextestReport::new(
-        version,
-        setup.tests,
-        cargo_test,
-        local,
-        daemon,
-    ))
+    let mut report = NextestReport::new(version, setup.tests, cargo_test, local, daemon);
+    report.duration_s = round3(started.elapsed().as_secs_f64());
+    Ok(report)
 }
 
 /// `cargo args…` in the suite runs' environment.

@@ -1167,7 +1167,7 @@ impl Unit {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::bench::procs::{PhasePeak, QemuSeen};
     use crate::bench::suite::{HarnessLine, NAIVE, NAIVE_SERIAL, POOLED, POOLED_FIRST_RUN};
@@ -1212,7 +1212,7 @@ mod tests {
         SuiteRun::from_lines(mode, 10, wall, &lines, Path::new("log"))
     }
 
-    fn report() -> Report {
+    pub(crate) fn report() -> Report {
         let peak = PhasePeak {
             total_rss_kib: 1024 * 1024,
             qemu_rss_kib: 900 * 1024,
@@ -1345,6 +1345,8 @@ mod tests {
             "targets",
             "where_the_time_goes",
             "artifacts_dir",
+            "peers",
+            "nextest",
         ] {
             assert!(json.get(key).is_some(), "missing {key}");
         }

@@ -723,7 +723,7 @@ pub fn fnv1a(bytes: &[u8]) -> u64 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -806,9 +806,10 @@ mod tests {
         Summary::of(&[p50]).unwrap()
     }
 
-    #[test]
-    fn compares_with_agentvm() {
-        let mut rows = DockerRows {
+    /// Rows as measured by hand on this machine, with a suite of `tests`
+    /// taking `wall_s`.
+    pub(crate) fn rows(tests: usize, wall_s: f64) -> DockerRows {
+        DockerRows {
             server_version: "20.10.24".into(),
             daemon: "unix:///run/x/docker.sock".into(),
             image: "agentvm-peer/agent-rootfs:0c79".into(),
@@ -819,14 +820,19 @@ mod tests {
             exec_true_ms: summary(91.0),
             exec_true_vs_agentvm: None,
             suite: DockerSuite {
-                tests: 40,
+                tests,
                 concurrency: 2,
                 script: SUITE_TEST_SCRIPT.into(),
-                wall_s: 13.9,
+                wall_s,
                 per_test_ms: summary(600.0),
             },
             suite_vs_agentvm: None,
-        };
+        }
+    }
+
+    #[test]
+    fn compares_with_agentvm() {
+        let mut rows = rows(40, 13.9);
         let agentvm = Agentvm {
             exec_true_ms: Some(10.0),
             revert_ms: Some(100.0),

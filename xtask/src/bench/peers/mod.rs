@@ -93,8 +93,6 @@ pub struct Agentvm {
     pub cold_boot_ready_ms: Option<f64>,
     /// `cold_boot.to_hello_ms.p50`.
     pub cold_boot_to_hello_ms: Option<f64>,
-    /// `golden_cache.restore_ms.p50` (`None`: no golden cache on the backend).
-    pub golden_restore_ms: Option<f64>,
     /// `suite.tests` and `suite.pooled.wall_s`.
     pub suite: Option<(usize, f64)>,
 }
@@ -106,7 +104,6 @@ impl Agentvm {
             revert_ms: Some(r.revert.total_ms.p50),
             cold_boot_ready_ms: Some(r.cold_boot.ready_ms.p50),
             cold_boot_to_hello_ms: Some(r.cold_boot.to_hello_ms.p50),
-            golden_restore_ms: r.golden_cache.as_ref().map(|g| g.restore_ms.p50),
             suite: Some((r.suite.tests, r.suite.pooled.wall_s)),
         }
     }
@@ -240,13 +237,36 @@ mod tests {
             revert_ms: Some(100.0),
             cold_boot_ready_ms: Some(2200.0),
             cold_boot_to_hello_ms: Some(2000.0),
-            golden_restore_ms: None,
             suite: Some((40, 8.0)),
         };
         assert_eq!(a.clean_vm_and_exec_ms(), Some(110.0));
         assert_eq!(a.fresh_vm_and_exec_ms(), Some(2010.0));
         assert_eq!(a.serial_commands_ms(10), Some(3300.0));
         assert_eq!(Agentvm::default().clean_vm_and_exec_ms(), None);
+    }
+
+    #[test]
+    fn figures_come_from_the_same_runs_report() {
+        let mut report = crate::bench::report::tests::report();
+        let a = Agentvm::from_report(&report);
+        // The fixture: exec p50 8 ms (of 8, 9), revert 100 ms, 10-test pooled suite 4 s.
+        assert_eq!(a.exec_true_ms, Some(8.0));
+        assert_eq!(a.revert_ms, Some(100.0));
+        assert_eq!(a.cold_boot_ready_ms, Some(2120.0));
+        assert_eq!(a.suite, Some((10, 4.0)));
+        let mut peers = PeersReport {
+            docker: Outcome::Measured(docker::tests::rows(10, 8.0)),
+            vmtest: Outcome::skipped("no 9p"),
+            duration_s: 1.0,
+        };
+        peers.compare(&a);
+        report.peers = Some(peers);
+        let json = serde_json::to_value(&report).unwrap();
+        let d = &json["peers"]["docker"];
+        assert_eq!(d["status"], "measured");
+        assert_eq!(d["suite_vs_agentvm"]["ratio"], 2.0);
+        assert_eq!(d["exec_true_vs_agentvm"]["agentvm"], 8.0);
+        assert_eq!(json["peers"]["vmtest"]["reason"], "no 9p");
     }
 
     #[test]
