@@ -14,7 +14,10 @@
 //!    timed;
 //!
 //! while a thread samples the memory of every process below this one
-//! ([`procs`]). Percentiles are computed here ([`stats`]).
+//! ([`procs`]). Percentiles are computed here ([`stats`]). Then, in the
+//! same run, the peers ([`peers`]: Docker, vmtest) and the suite under
+//! cargo-nextest ([`nextest`]), with ratios against agentvm's rows;
+//! `--only peers|nextest` measures just those.
 
 mod agent_image;
 mod machine;

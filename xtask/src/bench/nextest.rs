@@ -268,9 +268,14 @@ fn measure_inner(printer: &Printer, setup: &Setup) -> Result<NextestReport, Stri
     ];
     let mut timed = Vec::new();
     for (key, args, pool) in runs {
+        let shown: Vec<&str> = args
+            .iter()
+            .map(String::as_str)
+            .take_while(|a| !matches!(*a, "--" | "--test-threads"))
+            .collect();
         printer.note(format!(
             "cargo {}{}",
-            args[..args.len().min(6)].join(" "),
+            shown.join(" "),
             pool.map_or(String::new(), |p| format!(" (AGENTVM_POOL={p})"))
         ));
         let run = run_one(setup, &nextest, key, args, pool)?;
