@@ -342,6 +342,8 @@ struct Daemon {
     host: String,
     /// Whose daemon it is, for the report.
     origin: String,
+    /// The pid of the bench's own daemon left by an earlier run.
+    leftover_pid: Option<u32>,
     child: Option<Child>,
 }
 
@@ -362,6 +364,7 @@ impl Daemon {
                     origin: format!("already running at DOCKER_HOST={host}"),
                     host,
                     child: None,
+                    leftover_pid: None,
                 })
             } else {
                 Err(format!(
@@ -377,6 +380,7 @@ impl Daemon {
                 host: String::new(),
                 origin: format!("already running at {DEFAULT_SOCKET}"),
                 child: None,
+                leftover_pid: None,
             });
         }
         let dockerd = find_tool("dockerd").ok_or(
@@ -386,11 +390,17 @@ impl Daemon {
         let dirs = DaemonDirs::new(root);
         let host = format!("unix://{}", dirs.socket.display());
         if answers(&host) {
+            // An earlier bench was killed before it could stop its daemon:
+            // use it, and stop it at the end as if this run had started it.
             printer.note(format!("reusing the bench's Docker daemon at {host}"));
+            let leftover_pid = std::fs::read_to_string(&dirs.pidfile)
+                .ok()
+                .and_then(|p| p.trim().parse().ok());
             return Ok(Self {
-                origin: format!("left running at {host} by an earlier bench"),
+                origin: format!("left running at {host} by an earlier bench, stopped after"),
                 host,
                 child: None,
+                leftover_pid,
             });
         }
         for dir in [&dirs.data_root, &dirs.exec_root] {
@@ -418,6 +428,7 @@ impl Daemon {
             host: host.clone(),
             origin: format!("started by the bench at {host}, stopped after"),
             child: Some(child),
+            leftover_pid: None,
         };
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -450,13 +461,23 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
+        // SIGTERM lets dockerd stop its containers and containerd.
+        let term = |pid: u32| {
+            let _ = Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+        };
+        if let Some(pid) = self.leftover_pid.take() {
+            term(pid);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
         let Some(mut child) = self.child.take() else {
             return;
         };
-        // SIGTERM lets dockerd stop its containers and containerd.
-        let _ = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status();
+        term(child.id());
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = child.try_wait() {
