@@ -37,6 +37,13 @@ if ! command -v npm >/dev/null; then
     $SUDO apt-get install -y -qq --no-install-recommends nodejs npm
 fi
 
+# The bench's container baseline (`cargo xtask bench`, peer rows): Debian's
+# Docker engine; the bench starts its own dockerd (no bridge, no iptables) when
+# none runs, and imports its image locally (no registry).
+$SUDO apt-get install -y -qq --no-install-recommends docker.io
+# The bench's vmtest rows: vmtest's guest runs the host's qemu-ga over 9p.
+$SUDO apt-get install -y -qq --no-install-recommends qemu-guest-agent
+
 # Headless Chromium: `cargo xtask report-check` loads the HTML report in it.
 $SUDO apt-get install -y -qq --no-install-recommends chromium
 

@@ -14,10 +14,15 @@
 //!    timed;
 //!
 //! while a thread samples the memory of every process below this one
-//! ([`procs`]). Percentiles are computed here ([`stats`]).
+//! ([`procs`]). Percentiles are computed here ([`stats`]). Then, in the
+//! same run, the peers ([`peers`]: Docker, vmtest) and the suite under
+//! cargo-nextest ([`nextest`]), with ratios against agentvm's rows;
+//! `--only peers|nextest` measures just those.
 
 mod agent_image;
 mod machine;
+mod nextest;
+mod peers;
 mod procs;
 mod progress;
 mod report;
@@ -77,6 +82,21 @@ pub struct BenchArgs {
     /// Trivial tests in the suite comparison [default: 40, --quick: 10; at most 40].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=REGISTERED_TESTS as i64))]
     pub suite_tests: Option<u16>,
+    /// Measure only these rows (repeatable), without agentvm's own: their
+    /// ratios against agentvm are then left out. The JSON goes to
+    /// target/agentvm/bench-only.json unless --json says otherwise.
+    #[arg(long, value_enum, value_name = "ROWS")]
+    pub only: Vec<Only>,
+}
+
+/// Rows `--only` can select.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Only {
+    /// Docker and vmtest ([`peers`]).
+    Peers,
+    /// The suite under cargo-nextest ([`nextest`]).
+    Nextest,
 }
 
 /// Sample counts of a run.
@@ -182,6 +202,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         .json
         .clone()
         .unwrap_or_else(|| root.join("target/agentvm/bench.json"));
+    if !args.only.is_empty() {
+        return run_only(&args, &printer, &root, &plan, &out_dir, &started_at);
+    }
     let mut machine = Machine::detect(&root);
 
     printer.phase("building examples/bench-suite (release): agentvm-bench and the trivial suite");
@@ -221,17 +244,120 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if args.backend == BackendArg::Qemu {
         report.agent_image = measure_agent_image(&printer, &root, &out_dir, &programs, args.quick)?;
     }
-    if let Some(dir) = json_path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    // Peers and nextest last, against agentvm's rows of this run.
+    let mut peers = peers::PeersReport::measure(&printer, &root, args.quick, plan.suite_tests);
+    peers.compare(&peers::Agentvm::from_report(&report));
+    report.peers = Some(peers);
+    report.nextest = Some(nextest::measure(
+        &printer,
+        &nextest_setup(&args, &root, &out_dir, &plan),
+    ));
+    // The whole run, these rows included (the quick-run target says "whole").
+    report.duration_s = stats::round3(printer.elapsed_secs());
+    if let Some(t) = report.targets.iter_mut().find(|t| t.name == "quick_run_s") {
+        t.value = report.duration_s;
+        t.met = report.duration_s < report::TARGET_QUICK_RUN_S;
     }
-    let json = serde_json::to_string_pretty(&report)?;
-    std::fs::write(&json_path, json + "\n")
-        .with_context(|| format!("writing {}", json_path.display()))?;
+    write_json(&json_path, &report)?;
     printer.phase(format!("report written to {}", json_path.display()));
     println!("\n{}", report.render());
     if let Some(agent) = &report.agent_image {
         println!("{}", agent.render());
     }
+    print_extra_rows(report.peers.as_ref(), report.nextest.as_ref());
+    Ok(())
+}
+
+fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let json = serde_json::to_string_pretty(value)?;
+    std::fs::write(path, json + "\n").with_context(|| format!("writing {}", path.display()))
+}
+
+fn nextest_setup<'a>(
+    args: &BenchArgs,
+    root: &'a Path,
+    out_dir: &'a Path,
+    plan: &Plan,
+) -> nextest::Setup<'a> {
+    nextest::Setup {
+        root,
+        out_dir,
+        backend: args.backend.name(),
+        libvirt: args.backend == BackendArg::Libvirt,
+        tests: plan.suite_tests,
+        // A full run installs cargo-nextest when missing; --quick stays cheap.
+        install: !args.quick,
+    }
+}
+
+fn print_extra_rows(
+    peers: Option<&peers::PeersReport>,
+    nextest: Option<&peers::Outcome<nextest::NextestReport>>,
+) {
+    if let Some(p) = peers {
+        println!("{}", p.render());
+    }
+    match nextest {
+        Some(peers::Outcome::Measured(n)) => println!("{}", n.render()),
+        Some(peers::Outcome::Skipped { reason }) => {
+            println!("\nnextest rows: skipped — {reason}")
+        }
+        None => {}
+    }
+}
+
+/// What `--only` writes: the selected rows, without agentvm's.
+#[derive(Debug, serde::Serialize)]
+struct OnlyReport {
+    schema_version: u32,
+    tool: String,
+    started_at: String,
+    duration_s: f64,
+    quick: bool,
+    only: Vec<Only>,
+    note: String,
+    peers: Option<peers::PeersReport>,
+    nextest: Option<peers::Outcome<nextest::NextestReport>>,
+}
+
+/// `--only`: the selected rows alone (no agentvm rows, so no ratios).
+fn run_only(
+    args: &BenchArgs,
+    printer: &Printer,
+    root: &Path,
+    plan: &Plan,
+    out_dir: &Path,
+    started_at: &str,
+) -> Result<()> {
+    let json_path = args
+        .json
+        .clone()
+        .unwrap_or_else(|| root.join("target/agentvm/bench-only.json"));
+    let peers = args
+        .only
+        .contains(&Only::Peers)
+        .then(|| peers::PeersReport::measure(printer, root, args.quick, plan.suite_tests));
+    let nextest = args
+        .only
+        .contains(&Only::Nextest)
+        .then(|| nextest::measure(printer, &nextest_setup(args, root, out_dir, plan)));
+    let report = OnlyReport {
+        schema_version: report::SCHEMA_VERSION,
+        tool: "cargo xtask bench --only".into(),
+        started_at: started_at.to_string(),
+        duration_s: stats::round3(printer.elapsed_secs()),
+        quick: args.quick,
+        only: args.only.clone(),
+        note: "agentvm's own rows were not measured (--only): no ratios against agentvm".into(),
+        peers,
+        nextest,
+    };
+    write_json(&json_path, &report)?;
+    printer.phase(format!("report written to {}", json_path.display()));
+    print_extra_rows(report.peers.as_ref(), report.nextest.as_ref());
     Ok(())
 }
 

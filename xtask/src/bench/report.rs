@@ -197,6 +197,10 @@ pub struct Report {
     pub artifacts_dir: String,
     /// The Debian `agent` image, when built (`null` otherwise).
     pub agent_image: Option<super::agent_image::AgentImageReport>,
+    /// Docker and vmtest doing the same work, with ratios against this run.
+    pub peers: Option<super::peers::PeersReport>,
+    /// The suite under cargo-nextest, with and without the pool daemon.
+    pub nextest: Option<super::peers::Outcome<super::nextest::NextestReport>>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -611,6 +615,8 @@ impl Report {
             where_the_time_goes: Vec::new(),
             artifacts_dir,
             agent_image: None,
+            peers: None,
+            nextest: None,
         };
         report.where_the_time_goes = report.explain();
         report
@@ -1208,7 +1214,7 @@ impl Unit {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::bench::procs::{PhasePeak, QemuSeen};
     use crate::bench::suite::{HarnessLine, NAIVE, NAIVE_SERIAL, POOLED, POOLED_FIRST_RUN};
@@ -1254,7 +1260,7 @@ mod tests {
         SuiteRun::from_lines(mode, 10, wall, &lines, Path::new("log"))
     }
 
-    fn report() -> Report {
+    pub(crate) fn report() -> Report {
         let peak = PhasePeak {
             total_rss_kib: 1024 * 1024,
             qemu_rss_kib: 900 * 1024,
@@ -1392,6 +1398,8 @@ mod tests {
             "targets",
             "where_the_time_goes",
             "artifacts_dir",
+            "peers",
+            "nextest",
         ] {
             assert!(json.get(key).is_some(), "missing {key}");
         }
