@@ -75,6 +75,16 @@ impl Connection {
         }))
     }
 
+    /// A connection to `uri` that is opened by its first call (for a host
+    /// that did not answer yet).
+    pub fn unopened(uri: &str) -> Arc<Self> {
+        virt::error::clear_error_callback();
+        Arc::new(Self {
+            uri: uri.to_owned(),
+            conn: Mutex::new(None),
+        })
+    }
+
     /// The URI.
     pub fn uri(&self) -> &str {
         &self.uri
