@@ -223,3 +223,72 @@ async fn a_pool_over_two_hosts_uses_both() {
     assert!(!volumes.contains("-state.qcow2"), "{volumes}");
     host2.stop();
 }
+
+/// The second host goes away (its daemon and every QEMU it ran are killed)
+/// while a test runs a command on it: that command fails at once with
+/// `HostLost` naming the host, the test on the first host is unaffected,
+/// and the pool goes on with VMs on the first host only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_that_goes_away_fails_its_leases_and_the_pool_goes_on() {
+    let _one = SERIAL.lock().await;
+    let host2 = Host2::start("agentvm-libvirt2-loss");
+    let backend = two_host_backend(&host2);
+    let pool = VmPool::new(backend.clone(), PoolConfig::fixed(2, spec())).unwrap();
+    pool.wait_ready(Duration::from_secs(180)).await.unwrap();
+    let hosts = [LOCAL, host2.uri.as_str()];
+    let a = pool.acquire(Duration::from_secs(60)).await.unwrap();
+    let b = pool.acquire(Duration::from_secs(60)).await.unwrap();
+    let (mut remote, mut local) = if host_of(&hosts, a.id()) == host2.uri {
+        (a, b)
+    } else {
+        (b, a)
+    };
+    assert_eq!(host_of(&hosts, local.id()), LOCAL);
+    assert_eq!(host_of(&hosts, remote.id()), host2.uri);
+    let remote_id = remote.id().to_owned();
+    let running = tokio::spawn(async move {
+        let started = Instant::now();
+        let result = remote.exec(Command::shell("sleep 60; echo survived")).await;
+        (result, started.elapsed(), remote)
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    host2.stop();
+    let (result, took, remote) = running.await.unwrap();
+    match result {
+        Err(VmError::Backend(BackendError::HostLost { host, vm, .. })) => {
+            assert_eq!(host, host2.uri);
+            assert_eq!(vm, remote_id);
+        }
+        other => panic!("expected HostLost naming {}, got {other:?}", host2.uri),
+    }
+    assert!(took < Duration::from_secs(30), "took {took:?}: not a hang");
+    let message = VmError::Backend(BackendError::HostLost {
+        host: host2.uri.clone(),
+        vm: remote_id.clone(),
+        reason: String::new(),
+    })
+    .to_string();
+    assert!(
+        message.starts_with(&format!(
+            "libvirt host {} went away: VM {remote_id}",
+            host2.uri
+        )),
+        "{message}"
+    );
+    // The test on the first host goes on.
+    let out = local.exec(Command::shell("echo still here")).await.unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "still here\n");
+    assert_eq!(backend.lost_hosts(), vec![host2.uri.clone()]);
+    let _ = remote.release().await;
+    let _ = local.release().await;
+    // The pool replaces the lost VM on the host that is left.
+    for _ in 0..2 {
+        let mut lease = pool.acquire(Duration::from_secs(120)).await.unwrap();
+        let out = lease.exec(Command::shell("true")).await.unwrap();
+        assert_eq!(out.report.status, ExitStatus::Code(0));
+        assert_eq!(host_of(&[LOCAL], lease.id()), LOCAL);
+        let _ = lease.release().await;
+    }
+    pool.shutdown().await;
+    assert_eq!(our_domains(LOCAL), Vec::<String>::new());
+}

@@ -105,7 +105,7 @@ pub enum BackendError {
     },
     /// The host a VM ran on went away (its libvirt daemon or the machine
     /// stopped answering): the VM is lost with it.
-    #[error("libvirt host {host} went away: VM {vm} on it is lost ({reason}); new VMs go to the other hosts")]
+    #[error("libvirt host {host} went away: VM {vm} on it is lost ({reason}); new VMs go to the other configured hosts, if any")]
     HostLost {
         /// The host's connection URI.
         host: String,

@@ -17,6 +17,7 @@
 //! ([`procs`]). Percentiles are computed here ([`stats`]).
 
 mod agent_image;
+mod libvirt_hosts;
 mod machine;
 mod procs;
 mod progress;
@@ -221,6 +222,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if args.backend == BackendArg::Qemu {
         report.agent_image = measure_agent_image(&printer, &root, &out_dir, &programs, args.quick)?;
     }
+    report.libvirt_two_hosts = Some(libvirt_hosts::measure(
+        &printer,
+        args.backend,
+        &root,
+        &out_dir,
+        &programs.suite,
+        plan.suite_tests,
+    ));
     if let Some(dir) = json_path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
@@ -231,6 +240,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     println!("\n{}", report.render());
     if let Some(agent) = &report.agent_image {
         println!("{}", agent.render());
+    }
+    if let Some(hosts) = &report.libvirt_two_hosts {
+        println!("{}", hosts.render());
     }
     Ok(())
 }

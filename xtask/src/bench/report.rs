@@ -191,6 +191,8 @@ pub struct Report {
     pub artifacts_dir: String,
     /// The Debian `agent` image, when built (`null` otherwise).
     pub agent_image: Option<super::agent_image::AgentImageReport>,
+    /// A pool over two libvirt hosts vs one (`skipped` says why not measured).
+    pub libvirt_two_hosts: Option<super::libvirt_hosts::TwoHostsReport>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -574,6 +576,7 @@ impl Report {
             where_the_time_goes: Vec::new(),
             artifacts_dir,
             agent_image: None,
+            libvirt_two_hosts: None,
         };
         report.where_the_time_goes = report.explain();
         report
