@@ -4,7 +4,9 @@
 #
 # It runs in its own mount and PID namespaces (`unshare`), as root, with its
 # own /etc/libvirt, /run/libvirt, /var/lib/libvirt, /var/log/libvirt and
-# /var/cache/libvirt (bind-mounted from $STATE), so it shares no state with
+# /var/cache/libvirt (bind-mounted from $STATE) and /run/lock (an empty tmpfs:
+# the console and channel lock files libvirt leaves when the namespace is
+# killed go with it), so it shares no state with
 # the system daemon of scripts/start-libvirtd.sh. /tmp and the workspace are
 # hidden from it (empty tmpfs mounts): like a real remote host it cannot read
 # this machine's image files, so the backend must upload them through the
@@ -99,6 +101,7 @@ start() {
             mount --bind '$STATE/lib' /var/lib/libvirt
             mount --bind '$STATE/log' /var/log/libvirt
             mount --bind '$STATE/cache' /var/cache/libvirt
+            mount -t tmpfs -o mode=1777 agentvm-host2-lock /run/lock
             $hide
             exec tini -s -- libvirtd --pid-file /run/libvirt/libvirtd.pid" \
         >>"$STATE/daemon.log" 2>&1 </dev/null &

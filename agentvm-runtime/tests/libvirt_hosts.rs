@@ -292,3 +292,36 @@ async fn a_host_that_goes_away_fails_its_leases_and_the_pool_goes_on() {
     pool.shutdown().await;
     assert_eq!(our_domains(LOCAL), Vec::<String>::new());
 }
+
+/// A host that does not answer when the backend starts is left out (the
+/// backend still starts on the other), and rejoins at the first launch
+/// after `host_retry` once its daemon answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_down_at_start_is_left_out_and_rejoins_when_it_answers() {
+    let _one = SERIAL.lock().await;
+    let name = "agentvm-libvirt2-late";
+    let uri = String::from_utf8(Host2::script(name, "uri").stdout)
+        .unwrap()
+        .trim()
+        .to_owned();
+    let _ = Host2::script(name, "stop");
+    let backend = LibvirtBackend::new(LibvirtConfig {
+        hosts: vec![LOCAL.into(), uri.clone()],
+        timeouts: LibvirtTimeouts {
+            host_retry: Duration::from_secs(1),
+            ..LibvirtTimeouts::default()
+        },
+        ..LibvirtConfig::default()
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(backend.lost_hosts(), vec![uri.clone()]);
+    let host2 = Host2::start(name);
+    assert_eq!(host2.uri, uri);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut vm = backend.launch_libvirt(&spec()).await.unwrap();
+    assert_eq!(backend.lost_hosts(), Vec::<String>::new());
+    agentvm_runtime::backend::Machine::destroy(&mut vm)
+        .await
+        .unwrap();
+    host2.stop();
+}
