@@ -90,6 +90,7 @@ start() {
     } >>"$STATE/etc/qemu.conf"
     hide=""
     for d in $HIDE; do
+        case $d in /|/usr|/usr/*|/etc|/run|/var|/var/lib) continue ;; esac
         [ -d "$d" ] && hide="$hide mount -t tmpfs -o size=1m,mode=0755 agentvm-host2-hidden '$d';"
     done
     # --kill-child: killing unshare kills the namespace's init (tini), and the

@@ -325,3 +325,55 @@ async fn a_host_down_at_start_is_left_out_and_rejoins_when_it_answers() {
         .unwrap();
     host2.stop();
 }
+
+/// Boot, `exec true` and revert on a VM of each host (`--ignored
+/// --nocapture`; `AGENT_VM_COMPARE_N` execs per VM, default 50, and a fifth
+/// as many reverts): what the remote path (streams through the daemon)
+/// costs against the local one (files and sockets of this machine).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement: run with --ignored --nocapture"]
+async fn local_vs_remote_latency() {
+    let _one = SERIAL.lock().await;
+    fn median(mut v: Vec<Duration>) -> Duration {
+        v.sort();
+        v[v.len() / 2]
+    }
+    let n: usize = std::env::var("AGENT_VM_COMPARE_N")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(50);
+    let host2 = Host2::start("agentvm-libvirt2-measure");
+    let backend = two_host_backend(&host2);
+    let hosts = [LOCAL, host2.uri.as_str()];
+    let mut vms = Vec::new();
+    for _ in 0..2 {
+        let started = Instant::now();
+        let vm = agentvm_runtime::vm::Vm::boot(backend.as_ref(), spec())
+            .await
+            .unwrap();
+        vms.push((started.elapsed(), vm));
+    }
+    for (boot, mut vm) in vms {
+        let host = host_of(&hosts, vm.id());
+        let mut execs = Vec::new();
+        for _ in 0..n {
+            let t = Instant::now();
+            vm.exec(Command::new("true")).await.unwrap();
+            execs.push(t.elapsed());
+        }
+        let mut reverts = Vec::new();
+        for _ in 0..(n / 5).max(1) {
+            let t = Instant::now();
+            vm.revert().await.unwrap();
+            reverts.push(t.elapsed());
+        }
+        eprintln!(
+            "{host}: boot (incl. upload on first use) {boot:?}, exec true p50 {:?} (n = {n}), revert p50 {:?} (n = {})",
+            median(execs),
+            median(reverts.clone()),
+            reverts.len()
+        );
+        vm.destroy().await.unwrap();
+    }
+    host2.stop();
+}
