@@ -266,7 +266,7 @@ impl Host {
             .is_some_and(|at| !placement::due_for_retry(at.elapsed(), retry))
     }
 
-    /// Its load for [`placement::place`] (blocking); `None` when it does not answer.
+    /// Its load for [`placement::place`] (blocking); `Err` (why) when it does not answer.
     fn load(&self) -> Result<HostLoad, String> {
         let found = self
             .conn
@@ -1071,12 +1071,34 @@ impl LibvirtMachine {
                     Domain::lookup_snapshot_by_name(d, &n, 0)?.revert(0)
                 })
                 .await?;
+                if self.remote.is_some() {
+                    self.reattach_console().await?;
+                }
                 self.wait_for_guest_hangup(disconnects_before).await;
                 RevertOutcome::ChannelReset
             }
         };
         tracing::debug!(vm = %self.id, snapshot = name, ?path, elapsed = ?started.elapsed(), "reverted");
         Ok(outcome)
+    }
+
+    /// A remote VM's console stream ends when libvirt restarts its QEMU
+    /// (`virDomainRevertToSnapshot`): open a new one. What the guest printed
+    /// in between is not in the log (the hang-up wait may then run out).
+    async fn reattach_console(&mut self) -> Result<(), BackendError> {
+        let (uri, name, log) = (
+            self.host.uri.clone(),
+            self.name.clone(),
+            self.paths.serial_log.clone(),
+        );
+        let pump = tokio::task::spawn_blocking(move || ConsolePump::start(&uri, &name, &log))
+            .await
+            .map_err(|e| control(&self.id, "reattaching the console", e.to_string()))?
+            .map_err(|e| control(&self.id, "reattaching the console", e))?;
+        if let Some(remote) = self.remote.as_mut() {
+            remote.console = Some(pump);
+        }
+        Ok(())
     }
 
     /// How often the guest agent logged that the host went away.
