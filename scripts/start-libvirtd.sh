@@ -9,6 +9,8 @@
 #   * /var/log/libvirt/qemu and virtlogd running before libvirtd;
 #   * iptables and dnsmasq-base installed *before* libvirtd starts (it caches
 #     their absence, and NAT networks / nwfilters then fail);
+#   * the storage driver for the multi-host tests' second daemon
+#     (scripts/libvirt-host2.sh), whose image arrives through the storage API;
 #   * libvirtd under a subreaper (`tini -s`): PID 1 on these machines reaps
 #     orphans 1.2-1.4 s late and libvirtd waits for its QEMUs to vanish, so
 #     without one every destroy takes ~2 s and every revert ~3 s.
@@ -31,7 +33,7 @@ die() { say "error: $*"; exit 1; }
 answers() { virsh -c "$URI" version >/dev/null 2>&1; }
 
 # --- packages -------------------------------------------------------------
-PKGS="libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-driver-network libvirt-daemon-driver-nwfilter libvirt-clients libvirt-dev iptables dnsmasq-base tini"
+PKGS="libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-driver-network libvirt-daemon-driver-nwfilter libvirt-daemon-driver-storage libvirt-clients libvirt-dev iptables dnsmasq-base tini"
 # Install a package set matching the installed libvirt0 (it may come from
 # bookworm-backports, e.g. pulled in by libvirt-dev; mixing 9.0 daemon
 # packages with an 11.x libvirt0 does not resolve).

@@ -102,7 +102,9 @@ const LIBVIRT_FEATURES: &str = "agentvm-runtime/libvirt,agentvm-test/libvirt";
 /// the workspace (the black-box suite `tests/`, package `agentvm-e2e`,
 /// included: it runs only there); with libvirt (the default) also starts
 /// libvirtd and its network, and runs the example suite on the libvirt
-/// backend.
+/// backend. The workspace run includes the two-host tests
+/// (`agentvm-runtime --test libvirt_hosts`, ~80 s: each starts and stops a
+/// second daemon with `scripts/libvirt-host2.sh`).
 pub fn test(args: &TestArgs) -> Result<()> {
     setup(&SetupArgs { no_install: false })?;
     let progress = Progress::new();

@@ -103,6 +103,23 @@ pub enum BackendError {
         /// The deadline.
         after: Duration,
     },
+    /// The host a VM ran on went away (its libvirt daemon or the machine
+    /// stopped answering): the VM is lost with it.
+    #[error("libvirt host {host} went away: VM {vm} on it is lost ({reason}); new VMs go to the other configured hosts, if any")]
+    HostLost {
+        /// The host's connection URI.
+        host: String,
+        /// VM id.
+        vm: String,
+        /// What failed.
+        reason: String,
+    },
+    /// No configured host can take another VM.
+    #[error("no libvirt host can take another VM: {details}")]
+    NoHost {
+        /// Each host and why not.
+        details: String,
+    },
     /// Filesystem or socket I/O on the host failed.
     #[error("{context}: {source}")]
     Io {

@@ -34,6 +34,7 @@ pub const ENV_VARS: &[&str] = &[
     "AGENT_VM_GOLDEN_CACHE",
     "AGENT_VM_PROCESS_LIMIT",
     "LIBVIRT_DEFAULT_URI",
+    "AGENT_VM_LIBVIRT_HOSTS",
 ];
 
 impl AgentVmConfig {
@@ -196,6 +197,13 @@ impl AgentVmConfig {
         if let Some(uri) = get("LIBVIRT_DEFAULT_URI") {
             self.libvirt_uri = Some(uri.to_string());
         }
+        apply!(
+            "AGENT_VM_LIBVIRT_HOSTS",
+            "libvirt.hosts",
+            parse_host_uris,
+            HOST_URIS,
+            |v| self.libvirt_hosts = v
+        );
         Ok(())
     }
 }
@@ -248,6 +256,42 @@ mod tests {
         );
         assert_eq!(c.metrics_port, Some(9100));
         assert_eq!(c.libvirt_uri.as_deref(), Some("qemu:///session"));
+    }
+
+    #[test]
+    fn libvirt_hosts_from_the_variable_override_the_file() {
+        let file = "[libvirt]\nhosts = [\"qemu:///system\", \"qemu+ssh://ci@a.example/system\"]\n";
+        let c = load(Some(file), &[]).unwrap();
+        assert_eq!(
+            c.libvirt_hosts,
+            ["qemu:///system", "qemu+ssh://ci@a.example/system"]
+        );
+        let c = load(
+            Some(file),
+            &[(
+                "AGENT_VM_LIBVIRT_HOSTS",
+                "qemu:///system,qemu+unix:///system?socket=/run/h2/libvirt-sock",
+            )],
+        )
+        .unwrap();
+        assert_eq!(
+            c.libvirt_hosts,
+            [
+                "qemu:///system",
+                "qemu+unix:///system?socket=/run/h2/libvirt-sock"
+            ]
+        );
+        let e = load(
+            None,
+            &[("AGENT_VM_LIBVIRT_HOSTS", "qemu:///system,qemu:///system")],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("environment variable AGENT_VM_LIBVIRT_HOSTS: invalid libvirt.hosts"),
+            "{e}"
+        );
+        assert!(e.contains("each at most once"), "{e}");
     }
 
     #[test]

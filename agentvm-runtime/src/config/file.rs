@@ -33,6 +33,13 @@ struct RawFile {
     golden_cache: Option<bool>,
     process_limit: Option<i64>,
     pool: Option<RawPool>,
+    libvirt: Option<RawLibvirt>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLibvirt {
+    hosts: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -164,6 +171,22 @@ impl AgentVmConfig {
                     set.parse("pool.health_interval", &v.text(), parse_duration, DURATIONS)?;
             }
         }
+        if let Some(hosts) = raw.libvirt.and_then(|l| l.hosts) {
+            if hosts.iter().any(|h| h.contains(',')) {
+                return Err(ConfigError::Invalid {
+                    origin: origin("libvirt.hosts"),
+                    key: "libvirt.hosts",
+                    value: hosts.join(","),
+                    expected: HOST_URIS.to_string(),
+                });
+            }
+            self.libvirt_hosts = set.parse(
+                "libvirt.hosts",
+                &hosts.join(","),
+                parse_host_uris,
+                HOST_URIS,
+            )?;
+        }
         self.config_file = Some(path.to_path_buf());
         Ok(())
     }
@@ -193,6 +216,13 @@ mod tests {
         assert_eq!(c.acquire_timeout, Duration::from_secs(90));
         assert_eq!(c.metrics_port, Some(9464));
         assert_eq!(c.libvirt_uri.as_deref(), Some("qemu:///system"));
+        assert_eq!(
+            c.libvirt_hosts,
+            [
+                "qemu:///system",
+                "qemu+unix:///system?socket=/run/agentvm-libvirt2/libvirt-sock"
+            ]
+        );
         assert_eq!(
             (c.pool_min_size, c.pool_max_size, c.max_uses),
             (0, 4, Some(10))

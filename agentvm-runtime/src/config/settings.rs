@@ -107,6 +107,10 @@ pub struct AgentVmConfig {
     pub golden_cache: bool,
     /// libvirt connection URI of the libvirt backend.
     pub libvirt_uri: Option<String>,
+    /// libvirt connection URIs the libvirt backend spreads its VMs over
+    /// (`[libvirt] hosts`, `AGENT_VM_LIBVIRT_HOSTS`); empty: the one host
+    /// of [`AgentVmConfig::libvirt_uri`].
+    pub libvirt_hosts: Vec<String>,
     /// The workspace root the relative paths were resolved against.
     pub workspace_root: PathBuf,
     /// The configuration file that was read, if any.
@@ -146,6 +150,7 @@ impl AgentVmConfig {
             golden_cache: true,
             process_limit: DEFAULT_PROCESS_LIMIT,
             libvirt_uri: None,
+            libvirt_hosts: Vec::new(),
             workspace_root: workspace_root.to_path_buf(),
             config_file: None,
         }
@@ -206,6 +211,7 @@ mod tests {
         assert_eq!(c.max_uses, None);
         assert_eq!(c.metrics_port, None);
         assert_eq!(c.libvirt_uri, None);
+        assert!(c.libvirt_hosts.is_empty());
         assert_eq!(c.config_file, None);
     }
 

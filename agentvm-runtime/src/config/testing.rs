@@ -45,6 +45,9 @@ acquire_timeout = "1m30s"
 metrics_port = 9464
 libvirt_uri = "qemu:///system"
 
+[libvirt]
+hosts = ["qemu:///system", "qemu+unix:///system?socket=/run/agentvm-libvirt2/libvirt-sock"]
+
 [pool]
 min_size = 0
 max_size = 4

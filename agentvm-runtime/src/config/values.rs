@@ -136,6 +136,31 @@ pub(super) fn parse_allow(s: &str) -> Option<Vec<String>> {
     Some(entries)
 }
 
+/// What `libvirt.hosts` / `AGENT_VM_LIBVIRT_HOSTS` accept.
+pub(super) const HOST_URIS: &str =
+    "libvirt connection URIs such as \"qemu:///system\" or \"qemu+ssh://user@host.example/system\" \
+     (comma-separated in the variable), each at most once";
+
+/// A comma-separated list of libvirt connection URIs (empty entries
+/// ignored): each must look like a URI (`scheme:...`, no whitespace) and
+/// appear once.
+pub(super) fn parse_host_uris(s: &str) -> Option<Vec<String>> {
+    let mut uris: Vec<String> = Vec::new();
+    for uri in s.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+        let scheme = uri.split_once(':')?.0;
+        let valid = !scheme.is_empty()
+            && scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+            && !uri.contains(char::is_whitespace);
+        if !valid || uris.iter().any(|u| u == uri) {
+            return None;
+        }
+        uris.push(uri.to_string());
+    }
+    Some(uris)
+}
+
 /// A comma-separated list of anomaly kinds (empty entries ignored).
 pub(super) fn parse_kinds(s: &str) -> Option<Vec<String>> {
     let mut kinds = Vec::new();
@@ -239,6 +264,26 @@ mod tests {
             "99999999999999h",
         ] {
             assert_eq!(d(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn host_uris() {
+        assert_eq!(
+            parse_host_uris(" qemu:///system, qemu+unix:///system?socket=/run/x/sock ,"),
+            Some(vec![
+                "qemu:///system".to_string(),
+                "qemu+unix:///system?socket=/run/x/sock".to_string()
+            ])
+        );
+        assert_eq!(parse_host_uris(""), Some(vec![]));
+        for bad in [
+            "localhost",
+            ":///system",
+            "qemu:///system,qemu:///system",
+            "qemu+ssh://a b/system",
+        ] {
+            assert_eq!(parse_host_uris(bad), None, "{bad}");
         }
     }
 

@@ -20,6 +20,7 @@
 //! `--only peers|nextest` measures just those.
 
 mod agent_image;
+mod libvirt_hosts;
 mod machine;
 mod nextest;
 mod peers;
@@ -244,6 +245,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if args.backend == BackendArg::Qemu {
         report.agent_image = measure_agent_image(&printer, &root, &out_dir, &programs, args.quick)?;
     }
+    report.libvirt_two_hosts = Some(libvirt_hosts::measure(
+        &printer,
+        args.backend,
+        &root,
+        &out_dir,
+        &programs.suite,
+        plan.suite_tests,
+    ));
     // Peers and nextest last, against agentvm's rows of this run.
     let mut peers = peers::PeersReport::measure(&printer, &root, args.quick, plan.suite_tests);
     peers.compare(&peers::Agentvm::from_report(&report));
@@ -263,6 +272,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     println!("\n{}", report.render());
     if let Some(agent) = &report.agent_image {
         println!("{}", agent.render());
+    }
+    if let Some(hosts) = &report.libvirt_two_hosts {
+        println!("{}", hosts.render());
     }
     print_extra_rows(report.peers.as_ref(), report.nextest.as_ref());
     Ok(())

@@ -201,6 +201,8 @@ pub struct Report {
     pub peers: Option<super::peers::PeersReport>,
     /// The suite under cargo-nextest, with and without the pool daemon.
     pub nextest: Option<super::peers::Outcome<super::nextest::NextestReport>>,
+    /// A pool over two libvirt hosts vs one (`skipped` says why not measured).
+    pub libvirt_two_hosts: Option<super::libvirt_hosts::TwoHostsReport>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -617,6 +619,7 @@ impl Report {
             agent_image: None,
             peers: None,
             nextest: None,
+            libvirt_two_hosts: None,
         };
         report.where_the_time_goes = report.explain();
         report

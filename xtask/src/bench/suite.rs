@@ -237,6 +237,30 @@ pub fn run(
     tests: usize,
     log_dir: &Path,
 ) -> Result<SuiteRun> {
+    run_with_env(
+        backend,
+        printer,
+        test_binary,
+        suite_dir,
+        mode,
+        tests,
+        log_dir,
+        &[],
+    )
+}
+
+/// [`run`] with extra environment variables for the test binary.
+#[allow(clippy::too_many_arguments)]
+pub fn run_with_env(
+    backend: &str,
+    printer: &Printer,
+    test_binary: &Path,
+    suite_dir: &Path,
+    mode: &Mode,
+    tests: usize,
+    log_dir: &Path,
+    env: &[(&str, String)],
+) -> Result<SuiteRun> {
     let log = log_dir.join(format!("suite-{}.log", mode.key));
     // The harness's artifacts, audit log, report and anomaly baseline of this
     // run go to a fresh directory: nothing of the user's runs is overwritten,
@@ -285,6 +309,7 @@ pub fn run(
         Some(n) => command.env("AGENT_VM_MAX_USES", n.to_string()),
         None => command.env_remove("AGENT_VM_MAX_USES"),
     };
+    command.envs(env.iter().map(|(k, v)| (k, v)));
     let started = Instant::now();
     let mut child = command
         .spawn()

@@ -27,12 +27,19 @@ pub fn resolve_uri(configured: Option<&str>, env: Option<&str>) -> String {
         .to_owned()
 }
 
-/// The error of an unreachable daemon, with what to do.
+/// The error of an unreachable daemon, with what to do: on this machine (no
+/// host name in the URI) start it with the script, elsewhere check the host.
 pub fn unreachable(uri: &str, message: &str) -> BackendError {
+    let on_this_machine = uri
+        .split_once("://")
+        .is_some_and(|(_, rest)| rest.starts_with('/'));
+    let hint = if on_this_machine {
+        "start it with scripts/start-libvirtd.sh"
+    } else {
+        "check that the host is up, reachable from here, and runs its libvirt daemon"
+    };
     BackendError::Io {
-        context: format!(
-            "libvirt daemon unreachable at {uri}: start it with scripts/start-libvirtd.sh"
-        ),
+        context: format!("libvirt daemon unreachable at {uri}: {hint}"),
         source: std::io::Error::other(message.to_owned()),
     }
 }
@@ -73,6 +80,16 @@ impl Connection {
             uri: uri.to_owned(),
             conn: Mutex::new(Some(conn)),
         }))
+    }
+
+    /// A connection to `uri` that is opened by its first call (for a host
+    /// that did not answer yet).
+    pub fn unopened(uri: &str) -> Arc<Self> {
+        virt::error::clear_error_callback();
+        Arc::new(Self {
+            uri: uri.to_owned(),
+            conn: Mutex::new(None),
+        })
     }
 
     /// The URI.
@@ -157,5 +174,12 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("Failed to connect socket"), "{text}");
+        let e = unreachable("qemu+ssh://ci@b.example/system", "Connection refused");
+        assert!(
+            e.to_string().starts_with(
+                "libvirt daemon unreachable at qemu+ssh://ci@b.example/system: check that the host is up"
+            ),
+            "{e}"
+        );
     }
 }

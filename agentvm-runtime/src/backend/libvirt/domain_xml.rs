@@ -65,12 +65,17 @@ pub struct DomainParams<'a> {
     pub host_tsc_khz: Option<u32>,
     /// The owner (metadata, for the sweep).
     pub owner: Owner,
+    /// The machine the owner runs on ([`this_machine`]; metadata, so that
+    /// the sweep of a host shared by several machines leaves the others' VMs alone).
+    pub machine: &'a str,
     /// The VM's directory (metadata: removed by the sweep).
     pub dir: &'a Path,
-    /// The serial console log.
-    pub serial_log: &'a Path,
-    /// The host end of the control channel.
-    pub ctl_socket: &'a Path,
+    /// The serial console log file; `None` (a remote host): a pty, read
+    /// through `virDomainOpenConsole`.
+    pub serial_log: Option<&'a Path>,
+    /// The host end of the control channel; `None` (a remote host): a
+    /// socket path libvirt chooses, reached through `virDomainOpenChannel`.
+    pub ctl_socket: Option<&'a Path>,
     /// The qcow2 holding snapshot state.
     pub state_disk: &'a Path,
     /// `<hard_limit>` (QEMU is OOM-killed beyond it) if true, else
@@ -141,15 +146,37 @@ pub fn interface_xml(network: &NetworkMode) -> Result<Option<String>, DomainXmlE
     })
 }
 
-/// The `<metadata>` element naming the owner and the VM directory.
-pub fn metadata_xml(owner: Owner, dir: &str) -> String {
+/// The `<metadata>` element naming the owner, its machine and the VM directory.
+pub fn metadata_xml(owner: Owner, machine: &str, dir: &str) -> String {
     format!(
         "<{METADATA_PREFIX}:vm xmlns:{METADATA_PREFIX}='{METADATA_NS}'>\
 <{METADATA_PREFIX}:owner pid='{}' start='{}'/>\
+<{METADATA_PREFIX}:machine>{}</{METADATA_PREFIX}:machine>\
 <{METADATA_PREFIX}:dir>{dir}</{METADATA_PREFIX}:dir>\
 </{METADATA_PREFIX}:vm>",
-        owner.pid, owner.start_time
+        owner.pid,
+        owner.start_time,
+        xml_escape(machine)
     )
+}
+
+/// This machine's identity for the metadata: `/etc/machine-id`, else the
+/// host name.
+pub fn this_machine() -> String {
+    ["/etc/machine-id", "/proc/sys/kernel/hostname"]
+        .iter()
+        .find_map(|p| {
+            let id = std::fs::read_to_string(p).ok()?;
+            let id = id.trim();
+            (!id.is_empty()).then(|| id.to_owned())
+        })
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+/// Reads the owner's machine back from a domain's XML (`None` for domains
+/// made before it was recorded).
+pub fn parse_machine(domain_xml: &str) -> Option<String> {
+    element_text(domain_xml, &format!("{METADATA_PREFIX}:machine"))
 }
 
 /// Reads the owner back from a domain's XML (as libvirt returns it).
@@ -246,12 +273,8 @@ pub fn domain_xml(p: &DomainParams<'_>) -> Result<String, DomainXmlError> {
       <target dev='vda' bus='virtio'/>
     </disk>
 {rootfs}    <controller type='usb' model='none'/>
-    <serial type='file'>
-      <source path='{serial}' append='on'/>
-      <target port='0'/>
-    </serial>
-    <channel type='unix'>
-      <source mode='bind' path='{ctl}'/>
+{serial}    <channel type='unix'>
+      <source mode='bind'{ctl}/>
       <target type='virtio' name='{CTL_PORT_NAME}'/>
     </channel>
 {interface}    <memballoon model='none'/>
@@ -261,12 +284,21 @@ pub fn domain_xml(p: &DomainParams<'_>) -> Result<String, DomainXmlError> {
         name = xml_escape(p.name),
         limit = if p.hard_memory_limit { "hard_limit" } else { "soft_limit" },
         pid = p.owner.pid,
-        metadata = metadata_xml(p.owner, &dir),
+        metadata = metadata_xml(p.owner, p.machine, &dir),
         kernel = path_str(&p.spec.image.kernel)?,
         initrd = path_str(&p.spec.image.initramfs)?,
         state = path_str(p.state_disk)?,
-        serial = path_str(p.serial_log)?,
-        ctl = path_str(p.ctl_socket)?,
+        serial = match p.serial_log {
+            Some(log) => format!(
+                "    <serial type='file'>\n      <source path='{}' append='on'/>\n      <target port='0'/>\n    </serial>\n",
+                path_str(log)?
+            ),
+            None => "    <serial type='pty'>\n      <target port='0'/>\n    </serial>\n".to_owned(),
+        },
+        ctl = match p.ctl_socket {
+            Some(socket) => format!(" path='{}'", path_str(socket)?),
+            None => String::new(),
+        },
         interface = interface_xml(&p.spec.network)?.unwrap_or_default(),
         rootfs = match &p.spec.image.rootfs {
             Some(path) => rootfs_disk_xml(path)?,
@@ -354,9 +386,10 @@ mod tests {
                 pid: 7,
                 start_time: 1234,
             },
+            machine: "m1",
             dir: &dir,
-            serial_log: &dir.join("serial.log"),
-            ctl_socket: &dir.join("ctl.sock"),
+            serial_log: Some(&dir.join("serial.log")),
+            ctl_socket: Some(&dir.join("ctl.sock")),
             state_disk: &dir.join("state.qcow2"),
             hard_memory_limit: true,
         })
@@ -401,7 +434,7 @@ mod tests {
             "<domain type='qemu'>",
             "<name>agentvm-7-0</name>",
             "<title>agentvm</title>",
-            "<metadata><agentvm:vm xmlns:agentvm='https://agentvm.dev/xmlns/libvirt/vm/1'><agentvm:owner pid='7' start='1234'/><agentvm:dir>/run/agentvm/libvirt/vms/7-0</agentvm:dir></agentvm:vm></metadata>",
+            "<metadata><agentvm:vm xmlns:agentvm='https://agentvm.dev/xmlns/libvirt/vm/1'><agentvm:owner pid='7' start='1234'/><agentvm:machine>m1</agentvm:machine><agentvm:dir>/run/agentvm/libvirt/vms/7-0</agentvm:dir></agentvm:vm></metadata>",
             "<memory unit='MiB'>256</memory>",
             "<memtune>\n    <hard_limit unit='MiB'>1280</hard_limit>\n  </memtune>",
             "<vcpu placement='static'>1</vcpu>",
@@ -458,9 +491,10 @@ mod tests {
                 pid: 1,
                 start_time: 1,
             },
+            machine: "m1",
             dir: &dir,
-            serial_log: &dir,
-            ctl_socket: &dir,
+            serial_log: Some(&dir),
+            ctl_socket: Some(&dir),
             state_disk: &dir,
             hard_memory_limit: false,
         })
@@ -534,6 +568,44 @@ mod tests {
         );
         assert_eq!(parse_dir(lv).as_deref(), Some("/d&e"));
         assert_eq!(parse_owner("<domain/>"), None);
+        assert_eq!(parse_machine(&x).as_deref(), Some("m1"));
+        assert_eq!(parse_machine(lv), None);
+    }
+
+    #[test]
+    fn remote_domain_has_a_pty_console_and_a_channel_path_of_libvirts_choice() {
+        let dir = PathBuf::from("/here/vms/7-0");
+        let s = spec(NetworkMode::Isolated);
+        let x = domain_xml(&DomainParams {
+            name: "agentvm-7-0",
+            spec: &s,
+            accel: ResolvedAccel::Tcg,
+            host_tsc_khz: None,
+            owner: Owner {
+                pid: 7,
+                start_time: 1,
+            },
+            machine: "m1",
+            dir: &dir,
+            serial_log: None,
+            ctl_socket: None,
+            state_disk: Path::new("/var/lib/libvirt/agentvm/agentvm-7-0-state.qcow2"),
+            hard_memory_limit: true,
+        })
+        .unwrap();
+        assert!(
+            x.contains("    <serial type='pty'>\n      <target port='0'/>\n    </serial>\n"),
+            "{x}"
+        );
+        assert!(
+            x.contains("<channel type='unix'>\n      <source mode='bind'/>\n      <target type='virtio' name='org.agentvm.ctl'/>"),
+            "{x}"
+        );
+        assert!(
+            x.contains("<source file='/var/lib/libvirt/agentvm/agentvm-7-0-state.qcow2'/>"),
+            "{x}"
+        );
+        assert!(!x.contains("/here/vms/7-0/"), "no local file in\n{x}");
     }
 
     #[test]
@@ -553,9 +625,10 @@ mod tests {
                 pid: 1,
                 start_time: 1,
             },
+            machine: "m1",
             dir: &dir,
-            serial_log: &dir,
-            ctl_socket: &dir,
+            serial_log: Some(&dir),
+            ctl_socket: Some(&dir),
             state_disk: &dir,
             hard_memory_limit: true,
         };

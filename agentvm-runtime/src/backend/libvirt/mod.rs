@@ -58,6 +58,29 @@
 //! CAP_SYS_RESOURCE (containers): the backend then redefines the domain with
 //! `<soft_limit>` and uses that for the rest of its life (logged once).
 //!
+//! # Several hosts
+//!
+//! [`LibvirtConfig::hosts`] (`[libvirt] hosts` in the configuration file,
+//! `AGENT_VM_LIBVIRT_HOSTS`) lists connection URIs; each new VM goes to the
+//! reachable host with the fewest running `agentvm-*` domains per CPU that
+//! has the memory for it ([`placement::place`]). A host whose URI has no
+//! transport, host name or query (`qemu:///system`) shares this machine's
+//! files and is used as above. Every other host is *remote*
+//! ([`placement::is_local_uri`]): the image files are uploaded into a
+//! storage pool of agentvm's own there, once per content hash
+//! ([`upload`]); the state disk is a volume of that pool; the serial console
+//! and the control channel are libvirt streams bridged to the same local
+//! files and sockets a local VM has ([`remote_io`]); `accel = "auto"` means
+//! TCG there (this machine cannot probe the remote CPU; set `accel = "kvm"`
+//! where KVM works).
+//!
+//! A host that stops answering (its daemon or the machine is gone) loses
+//! its VMs: every operation on one fails with [`BackendError::HostLost`]
+//! naming the host, the pool replaces the VM, and new VMs go to the other
+//! hosts. A lost host is tried again by the placement of a VM launched
+//! [`LibvirtTimeouts::host_retry`] (30 s) or more after it was lost, and
+//! rejoins if it answers.
+//!
 //! # Leftovers
 //!
 //! Every domain is named `agentvm-<pid>-<n>`, titled `agentvm`, and carries
@@ -67,10 +90,14 @@
 
 pub mod connection;
 pub mod domain_xml;
+pub mod placement;
+pub mod remote_io;
+pub mod upload;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -80,8 +107,10 @@ use virt::domain::{Domain, DomainState, DomainStateEnum, DomainStateReasonEnum};
 use virt::enumutil::Enum;
 use virt::error::Error as VirtError;
 
-use self::connection::{is_no_domain, is_not_running, Connection};
+use self::connection::{is_connection_error, is_no_domain, is_not_running, Connection};
 use self::domain_xml::{DomainParams, Owner, DOMAIN_PREFIX, EGRESS_FILTER, NAT_NETWORK};
+use self::placement::HostLoad;
+use self::remote_io::{ChannelProxy, ConsolePump};
 use super::qemu::accel::{self, AccelDecision, ResolvedAccel};
 use super::qemu::rundir::{self, ProcessStamp, VmPaths};
 use super::qemu::{argv, find_program};
@@ -143,12 +172,15 @@ impl RevertPath {
 pub struct LibvirtTimeouts {
     /// `connect_channel` retrying while the socket is not there.
     pub channel_connect: Duration,
+    /// How long a host that went away is skipped before a launch tries it again.
+    pub host_retry: Duration,
 }
 
 impl Default for LibvirtTimeouts {
     fn default() -> Self {
         Self {
             channel_connect: Duration::from_secs(10),
+            host_retry: Duration::from_secs(30),
         }
     }
 }
@@ -156,8 +188,15 @@ impl Default for LibvirtTimeouts {
 /// Configuration of [`LibvirtBackend`].
 #[derive(Debug, Clone, Default)]
 pub struct LibvirtConfig {
-    /// Connection URI (default: `LIBVIRT_DEFAULT_URI`, else `qemu:///system`).
+    /// Connection URI (default: `LIBVIRT_DEFAULT_URI`, else `qemu:///system`),
+    /// used when [`LibvirtConfig::hosts`] is empty.
     pub uri: Option<String>,
+    /// Connection URIs of several hosts to spread the VMs over (see the
+    /// module docs); empty: the one host of [`LibvirtConfig::uri`].
+    pub hosts: Vec<String>,
+    /// Directory of agentvm's storage pool on remote hosts (default
+    /// [`upload::DEFAULT_POOL_DIR`]).
+    pub pool_dir: Option<String>,
     /// Runtime root (default: `<rundir::default_root()>/libvirt`).
     pub runtime_dir: Option<PathBuf>,
     /// `qemu-img` (default: found on `PATH`).
@@ -170,10 +209,105 @@ pub struct LibvirtConfig {
     pub timeouts: LibvirtTimeouts,
 }
 
+/// One libvirt host of the backend.
+#[derive(Debug)]
+struct Host {
+    uri: String,
+    conn: Arc<Connection>,
+    /// Shares this machine's files ([`placement::is_local_uri`]).
+    local: bool,
+    /// When it was last found unreachable (`None`: it answers).
+    lost_at: Mutex<Option<Instant>>,
+    /// VMs this process is placing there and has not defined yet.
+    placing: AtomicU32,
+    /// Remote paths of image files already uploaded there (local path → volume path).
+    images: Mutex<HashMap<PathBuf, String>>,
+    /// One upload at a time to this host from this process.
+    upload_lock: tokio::sync::Mutex<()>,
+}
+
+impl Host {
+    fn new(uri: String, conn: Arc<Connection>) -> Self {
+        Self {
+            local: placement::is_local_uri(&uri),
+            uri,
+            conn,
+            lost_at: Mutex::new(None),
+            placing: AtomicU32::new(0),
+            images: Mutex::new(HashMap::new()),
+            upload_lock: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    fn mark_lost(&self, reason: &str) {
+        let mut lost = self.lost_at.lock().expect("host state");
+        if lost.is_none() {
+            tracing::warn!(host = %self.uri, %reason, "libvirt host went away: new VMs go to the other hosts");
+            eprintln!(
+                "agentvm: libvirt host {} went away ({reason}); new VMs go to the other hosts",
+                self.uri
+            );
+        }
+        *lost = Some(Instant::now());
+    }
+
+    fn mark_found(&self) {
+        let mut lost = self.lost_at.lock().expect("host state");
+        if lost.take().is_some() {
+            tracing::info!(host = %self.uri, "libvirt host answers again");
+        }
+    }
+
+    /// Whether placement should skip it (lost less than `retry` ago).
+    fn skipped(&self, retry: Duration) -> bool {
+        self.lost_at
+            .lock()
+            .expect("host state")
+            .is_some_and(|at| !placement::due_for_retry(at.elapsed(), retry))
+    }
+
+    /// Its load for [`placement::place`] (blocking); `Err` (why) when it does not answer.
+    fn load(&self) -> Result<HostLoad, String> {
+        let found = self
+            .conn
+            .with_blocking(|c| {
+                let info = c.node_info()?;
+                let free = c.free_memory()?;
+                let running = c
+                    .list_all_domains(virt::sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE)?
+                    .iter()
+                    .filter(|d| d.name().is_ok_and(|n| n.starts_with(DOMAIN_PREFIX)))
+                    .count();
+                Ok((info.cpus, free, running))
+            })
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.message().to_owned())?;
+        let (cpus, free_bytes, running) = found;
+        Ok(HostLoad {
+            reachable: true,
+            running: running as u32 + self.placing.load(Ordering::SeqCst),
+            cpus,
+            free_mib: free_bytes / (1024 * 1024),
+        })
+    }
+}
+
+/// Decrements [`Host::placing`] when the launch is over, however it ends.
+struct Placing(Arc<Host>);
+
+impl Drop for Placing {
+    fn drop(&mut self) {
+        self.0.placing.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// The libvirt backend.
 #[derive(Debug)]
 pub struct LibvirtBackend {
-    conn: Arc<Connection>,
+    hosts: Vec<Arc<Host>>,
+    /// Serialises placements, so that concurrent launches see each other.
+    placement_lock: Arc<Mutex<()>>,
+    pool_dir: String,
     root: PathBuf,
     qemu_img: PathBuf,
     state_disk_mib: u32,
@@ -194,6 +328,7 @@ impl From<&AgentVmConfig> for LibvirtConfig {
     fn from(config: &AgentVmConfig) -> Self {
         Self {
             uri: config.libvirt_uri.clone(),
+            hosts: config.libvirt_hosts.clone(),
             ..Self::default()
         }
     }
@@ -206,12 +341,38 @@ impl FromConfig for LibvirtBackend {
 }
 
 impl LibvirtBackend {
-    /// Connects (blocking, a few ms), prepares the runtime directory and
-    /// sweeps leftover domains of dead owners.
+    /// Connects (blocking, a few ms per host), prepares the runtime
+    /// directory and sweeps leftover domains of dead owners. With several
+    /// hosts, one that does not answer is left out until it does (see the
+    /// module docs); if none answers, the first one's error is returned.
     pub fn new(config: LibvirtConfig) -> Result<Self, BackendError> {
-        let env = std::env::var(connection::URI_ENV).ok();
-        let uri = connection::resolve_uri(config.uri.as_deref(), env.as_deref());
-        let conn = Connection::open(&uri)?;
+        let uris = if config.hosts.is_empty() {
+            let env = std::env::var(connection::URI_ENV).ok();
+            vec![connection::resolve_uri(
+                config.uri.as_deref(),
+                env.as_deref(),
+            )]
+        } else {
+            config.hosts.clone()
+        };
+        let mut hosts = Vec::new();
+        let mut first_error = None;
+        for uri in uris {
+            match Connection::open(&uri) {
+                Ok(conn) => hosts.push(Arc::new(Host::new(uri, conn))),
+                Err(e) => {
+                    let host = Host::new(uri.clone(), Connection::unopened(&uri));
+                    host.mark_lost(&e.to_string());
+                    hosts.push(Arc::new(host));
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(e) = first_error {
+            if hosts.iter().all(|h| h.skipped(Duration::MAX)) {
+                return Err(e);
+            }
+        }
         let qemu_img = match config.qemu_img_binary {
             Some(p) => p,
             None => find_program("qemu-img", "install it: apt-get install qemu-utils")?,
@@ -223,12 +384,16 @@ impl LibvirtBackend {
             context: format!("creating runtime directory {}", root.display()),
             source,
         })?;
-        match sweep_blocking(&conn, &root) {
-            Ok(swept) if !swept.is_empty() => {
-                tracing::info!(domains = ?swept, "swept leftover libvirt domains")
+        for host in hosts.iter().filter(|h| !h.skipped(Duration::MAX)) {
+            match sweep_blocking(&host.conn, &root, !host.local) {
+                Ok(swept) if !swept.is_empty() => {
+                    tracing::info!(host = %host.uri, domains = ?swept, "swept leftover libvirt domains")
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(host = %host.uri, error = %e, "sweeping leftover libvirt domains failed")
+                }
             }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "sweeping leftover libvirt domains failed"),
         }
         let revert_path = match config.revert_path {
             Some(path) => path,
@@ -244,7 +409,11 @@ impl LibvirtBackend {
             }
         };
         Ok(Self {
-            conn,
+            hosts,
+            placement_lock: Arc::new(Mutex::new(())),
+            pool_dir: config
+                .pool_dir
+                .unwrap_or_else(|| upload::DEFAULT_POOL_DIR.to_owned()),
             root,
             qemu_img,
             state_disk_mib: config.state_disk_mib.unwrap_or(32),
@@ -261,9 +430,23 @@ impl LibvirtBackend {
         Self::new(LibvirtConfig::default())
     }
 
-    /// The connection URI.
+    /// The connection URI (of the first host).
     pub fn uri(&self) -> &str {
-        self.conn.uri()
+        &self.hosts[0].uri
+    }
+
+    /// The connection URIs of every host, in the configured order.
+    pub fn host_uris(&self) -> Vec<String> {
+        self.hosts.iter().map(|h| h.uri.clone()).collect()
+    }
+
+    /// The URIs of the hosts currently left out because they went away.
+    pub fn lost_hosts(&self) -> Vec<String> {
+        self.hosts
+            .iter()
+            .filter(|h| h.lost_at.lock().expect("host state").is_some())
+            .map(|h| h.uri.clone())
+            .collect()
     }
 
     /// The accelerator used for `Accel::Auto`, and why.
@@ -276,16 +459,143 @@ impl LibvirtBackend {
         self.revert_path
     }
 
-    /// Destroys domains of dead owners; returns their names.
+    /// Destroys domains of dead owners on every reachable host; returns their names.
     pub async fn sweep(&self) -> Result<Vec<String>, BackendError> {
-        let conn = Arc::clone(&self.conn);
+        let hosts: Vec<Arc<Host>> = self.hosts.clone();
         let root = self.root.clone();
-        tokio::task::spawn_blocking(move || sweep_blocking(&conn, &root))
+        tokio::task::spawn_blocking(move || {
+            let mut swept = Vec::new();
+            for host in hosts.iter().filter(|h| !h.skipped(Duration::MAX)) {
+                swept.extend(sweep_blocking(&host.conn, &root, !host.local)?);
+            }
+            Ok(swept)
+        })
+        .await
+        .map_err(|e| BackendError::Io {
+            context: "sweep".into(),
+            source: std::io::Error::other(e.to_string()),
+        })?
+    }
+
+    /// Picks the host for a VM of `memory_mib` and counts the VM as being
+    /// placed there (see [`placement::place`]).
+    async fn place(&self, memory_mib: u64) -> Result<Placing, BackendError> {
+        let hosts = self.hosts.clone();
+        let lock = Arc::clone(&self.placement_lock);
+        let retry = self.timeouts.host_retry;
+        tokio::task::spawn_blocking(move || {
+            let _guard = lock.lock().expect("placement lock");
+            let mut why = Vec::new();
+            let loads: Vec<HostLoad> = hosts
+                .iter()
+                .map(|h| {
+                    let unreachable = HostLoad {
+                        reachable: false,
+                        running: 0,
+                        cpus: 0,
+                        free_mib: 0,
+                    };
+                    if h.skipped(retry) {
+                        why.push(format!("{}: went away, not retried yet", h.uri));
+                        return unreachable;
+                    }
+                    match h.load() {
+                        Ok(load) => {
+                            h.mark_found();
+                            load
+                        }
+                        Err(reason) => {
+                            h.mark_lost(&reason);
+                            why.push(format!("{}: {reason}", h.uri));
+                            unreachable
+                        }
+                    }
+                })
+                .collect();
+            match placement::place(&loads, memory_mib) {
+                Some(i) => {
+                    tracing::debug!(host = %hosts[i].uri, ?loads, "placed VM");
+                    hosts[i].placing.fetch_add(1, Ordering::SeqCst);
+                    Ok(Placing(Arc::clone(&hosts[i])))
+                }
+                None => {
+                    for (h, l) in hosts.iter().zip(&loads) {
+                        if l.reachable {
+                            why.push(format!(
+                                "{}: {} MiB free, {} MiB + {} MiB reserve needed",
+                                h.uri,
+                                l.free_mib,
+                                memory_mib,
+                                placement::MEMORY_RESERVE_MIB
+                            ));
+                        }
+                    }
+                    Err(BackendError::NoHost {
+                        details: why.join("; "),
+                    })
+                }
+            }
+        })
+        .await
+        .map_err(|e| BackendError::Io {
+            context: "placing a VM".into(),
+            source: std::io::Error::other(e.to_string()),
+        })?
+    }
+
+    /// The remote paths of `spec`'s image files on `host`, uploading what
+    /// it lacks.
+    async fn remote_image(
+        &self,
+        host: &Arc<Host>,
+        image: &crate::spec::ImagePaths,
+    ) -> Result<crate::spec::ImagePaths, BackendError> {
+        let _one_at_a_time = host.upload_lock.lock().await;
+        let mut files: Vec<(&'static str, PathBuf)> = vec![
+            ("kernel", image.kernel.clone()),
+            ("initramfs", image.initramfs.clone()),
+        ];
+        if let Some(rootfs) = &image.rootfs {
+            files.push(("rootfs", rootfs.clone()));
+        }
+        let known = host.images.lock().expect("image cache").clone();
+        let missing: Vec<_> = files
+            .iter()
+            .filter(|(_, p)| !known.contains_key(p))
+            .cloned()
+            .collect();
+        if !missing.is_empty() {
+            let (h, dir, lock_dir) = (
+                Arc::clone(host),
+                self.pool_dir.clone(),
+                self.root.join("uploads"),
+            );
+            let uploaded = tokio::task::spawn_blocking(move || {
+                let found = h.conn.with_blocking(|c| Ok(c.clone()))?;
+                let c = found.map_err(|e| upload_error(&h.uri, &e))?;
+                let pool = upload::ensure_pool(&c, &h.uri, &dir)?;
+                let mut done = Vec::new();
+                for (kind, path) in missing {
+                    let remote = upload::ensure_file(&pool, &c, &h.uri, &path, kind, &lock_dir)?;
+                    done.push((path, remote));
+                }
+                Ok::<_, BackendError>(done)
+            })
             .await
             .map_err(|e| BackendError::Io {
-                context: "sweep".into(),
+                context: "uploading the image".into(),
                 source: std::io::Error::other(e.to_string()),
-            })?
+            })??;
+            host.images.lock().expect("image cache").extend(uploaded);
+        }
+        let known = host.images.lock().expect("image cache");
+        let remote = |p: &PathBuf| PathBuf::from(&known[p]);
+        Ok(crate::spec::ImagePaths {
+            kernel: remote(&image.kernel),
+            initramfs: remote(&image.initramfs),
+            rootfs: image.rootfs.as_ref().map(remote),
+            ..image.clone()
+        })
     }
 
     fn resolve_accel(&self, requested: Accel) -> ResolvedAccel {
@@ -296,11 +606,16 @@ impl LibvirtBackend {
         }
     }
 
-    async fn check_network(&self, id: &str, network: &NetworkMode) -> Result<(), BackendError> {
+    async fn check_network(
+        &self,
+        host: &Host,
+        id: &str,
+        network: &NetworkMode,
+    ) -> Result<(), BackendError> {
         if *network != NetworkMode::NatFiltered {
             return Ok(());
         }
-        let found = self
+        let found = host
             .conn
             .with(|c| {
                 let net = c.lookup_network_by_name(NAT_NETWORK).is_ok();
@@ -309,7 +624,7 @@ impl LibvirtBackend {
             })
             .await?
             .map_err(|e| control(id, "looking up the network", e.to_string()))?;
-        match missing_network_objects(found.0, found.1, self.conn.uri()) {
+        match missing_network_objects(found.0, found.1, &host.uri) {
             None => Ok(()),
             Some(message) => Err(control(id, "network nat-filtered", message)),
         }
@@ -317,18 +632,20 @@ impl LibvirtBackend {
 
     /// Like [`Backend::launch`], returning the concrete machine type.
     pub async fn launch_libvirt(&self, spec: &VmSpec) -> Result<LibvirtMachine, BackendError> {
-        for path in [&spec.image.kernel, &spec.image.initramfs] {
+        for path in spec.image.files() {
             if !path.is_file() {
                 return Err(BackendError::MissingImage {
                     name: spec.image.name.clone(),
-                    path: path.clone(),
+                    path: path.to_path_buf(),
                 });
             }
         }
         let counter = VM_COUNTER.fetch_add(1, Ordering::Relaxed);
         let id = format!("{}-{counter}", std::process::id());
         let name = format!("{DOMAIN_PREFIX}{id}");
-        self.check_network(&id, &spec.network).await?;
+        let placing = self.place(u64::from(spec.profile.memory_mib())).await?;
+        let host = Arc::clone(&placing.0);
+        self.check_network(&host, &id, &spec.network).await?;
         let paths = rundir::create_vm_dir(&self.root, &id).map_err(|source| BackendError::Io {
             context: format!("creating VM directory for {id}"),
             source,
@@ -340,35 +657,80 @@ impl LibvirtBackend {
         let mut machine = LibvirtMachine {
             id: id.clone(),
             name: name.clone(),
-            conn: Arc::clone(&self.conn),
+            conn: Arc::clone(&host.conn),
+            host: Arc::clone(&host),
             paths,
             revert_path: self.revert_path,
             timeouts: self.timeouts,
             defined: false,
             destroyed: false,
             dead: None,
+            lost: None,
             final_tail: None,
+            remote: None,
         };
         let started = Instant::now();
-        let args = argv::state_disk_create_args(&machine.paths.state_disk, self.state_disk_mib)
-            .map_err(|e| control(&id, "creating the state disk", e.to_string()))?;
-        let output = tokio::process::Command::new(&self.qemu_img)
-            .args(&args)
-            .kill_on_drop(true)
-            .output()
+        // What the domain XML points at: this machine's files for a local
+        // host; volumes of agentvm's pool (uploaded when missing) for a remote one.
+        let (remote_spec, state_disk) = if host.local {
+            let args = argv::state_disk_create_args(&machine.paths.state_disk, self.state_disk_mib)
+                .map_err(|e| control(&id, "creating the state disk", e.to_string()))?;
+            let output = tokio::process::Command::new(&self.qemu_img)
+                .args(&args)
+                .kill_on_drop(true)
+                .output()
+                .await
+                .map_err(|source| BackendError::Spawn {
+                    what: self.qemu_img.display().to_string(),
+                    source,
+                })?;
+            if !output.status.success() {
+                return Err(control(
+                    &id,
+                    "qemu-img create",
+                    String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+                ));
+            }
+            (None, machine.paths.state_disk.clone())
+        } else {
+            let image = self
+                .remote_image(&host, &spec.image)
+                .await
+                .map_err(|e| machine.host_error(e))?;
+            let (h, dir, vol, mib) = (
+                Arc::clone(&host),
+                self.pool_dir.clone(),
+                upload::state_volume_name(&name),
+                u64::from(self.state_disk_mib),
+            );
+            let state = tokio::task::spawn_blocking(move || {
+                let found = h.conn.with_blocking(|c| Ok(c.clone()))?;
+                let c = found.map_err(|e| upload_error(&h.uri, &e))?;
+                let pool = upload::ensure_pool(&c, &h.uri, &dir)?;
+                upload::create_state_volume(&pool, &h.uri, &vol, mib)
+            })
             .await
-            .map_err(|source| BackendError::Spawn {
-                what: self.qemu_img.display().to_string(),
-                source,
-            })?;
-        if !output.status.success() {
-            return Err(control(
-                &id,
-                "qemu-img create",
-                String::from_utf8_lossy(&output.stderr).trim().to_owned(),
-            ));
-        }
-        let accel = self.resolve_accel(spec.accel);
+            .map_err(|e| control(&id, "creating the state disk", e.to_string()))?
+            .map_err(|e| machine.host_error(e))?;
+            machine.remote = Some(RemoteParts {
+                state_volume: upload::state_volume_name(&name),
+                console: None,
+                channel: None,
+            });
+            let mut remote_spec = spec.clone();
+            remote_spec.image = image;
+            (Some(remote_spec), PathBuf::from(state))
+        };
+        let run_spec = remote_spec.as_ref().unwrap_or(spec);
+        let accel = if host.local {
+            self.resolve_accel(spec.accel)
+        } else {
+            // This machine's probe says nothing about a remote host's CPU.
+            match spec.accel {
+                Accel::Kvm => ResolvedAccel::Kvm,
+                Accel::Tcg | Accel::Auto => ResolvedAccel::Tcg,
+            }
+        };
         let owner = Owner {
             pid: stamp.pid,
             start_time: stamp.start_time,
@@ -377,36 +739,50 @@ impl LibvirtBackend {
             let hard = self.hard_memory_limit.load(Ordering::Relaxed);
             let xml = domain_xml::domain_xml(&DomainParams {
                 name: &name,
-                spec,
+                spec: run_spec,
                 accel,
-                host_tsc_khz: self.host_tsc_khz,
+                host_tsc_khz: if host.local { self.host_tsc_khz } else { None },
                 owner,
+                machine: &domain_xml::this_machine(),
                 dir: &machine.paths.dir,
-                serial_log: &machine.paths.serial_log,
-                ctl_socket: &machine.paths.ctl_socket,
-                state_disk: &machine.paths.state_disk,
+                serial_log: host.local.then_some(machine.paths.serial_log.as_path()),
+                ctl_socket: host.local.then_some(machine.paths.ctl_socket.as_path()),
+                state_disk: &state_disk,
                 hard_memory_limit: hard,
             })
             .map_err(|e| control(&id, "building the domain XML", e.to_string()))?;
             tracing::debug!(vm = %id, %xml, "defining libvirt domain");
-            let defined = self
+            let defined = host
                 .conn
                 .with(move |c| c.define_domain_xml(&xml).map(drop))
-                .await?;
+                .await
+                .map_err(|e| machine.host_error(e))?;
             defined.map_err(|e| control(&id, "virDomainDefineXML", e.to_string()))?;
             machine.defined = true;
             let n = name.clone();
-            let started_dom = self
+            // A remote VM starts paused until its console is attached, so
+            // that the serial log has the whole boot.
+            let flags = if host.local {
+                0
+            } else {
+                virt::sys::VIR_DOMAIN_START_PAUSED
+            };
+            let started_dom = host
                 .conn
-                .with(move |c| c.lookup_domain_by_name(&n)?.create().map(drop))
-                .await?;
+                .with(move |c| {
+                    c.lookup_domain_by_name(&n)?
+                        .create_with_flags(flags)
+                        .map(drop)
+                })
+                .await
+                .map_err(|e| machine.host_error(e))?;
             match started_dom {
                 Ok(()) => break,
                 Err(e) if hard && e.message().contains("cannot limit locked memory") => {
                     tracing::warn!(vm = %id, error = %e, "libvirt cannot apply a memory hard_limit here (no CAP_SYS_RESOURCE): using soft_limit");
                     self.hard_memory_limit.store(false, Ordering::Relaxed);
                     let n = name.clone();
-                    self.conn
+                    host.conn
                         .with(move |c| destroy_domain_blocking(c, &n))
                         .await?
                         .map_err(|e| control(&id, "virDomainUndefine", e.to_string()))?;
@@ -415,8 +791,38 @@ impl LibvirtBackend {
                 Err(e) => return Err(control(&id, "virDomainCreate", e.to_string())),
             }
         }
-        tracing::info!(vm = %id, domain = %name, %accel, uri = %self.conn.uri(), elapsed = ?started.elapsed(), "libvirt VM launched");
+        drop(placing);
+        if !host.local {
+            let (uri, n, log, socket) = (
+                host.uri.clone(),
+                name.clone(),
+                machine.paths.serial_log.clone(),
+                machine.paths.ctl_socket.clone(),
+            );
+            let (console, channel) = tokio::task::spawn_blocking(move || {
+                let console = ConsolePump::start(&uri, &n, &log)?;
+                let channel = ChannelProxy::start(&uri, &n, &socket)?;
+                Ok::<_, String>((console, channel))
+            })
+            .await
+            .map_err(|e| control(&id, "attaching console and channel", e.to_string()))?
+            .map_err(|e| control(&id, "attaching console and channel", e))?;
+            if let Some(remote) = machine.remote.as_mut() {
+                remote.console = Some(console);
+                remote.channel = Some(channel);
+            }
+            machine.on_domain("virDomainResume", |d| d.resume()).await?;
+        }
+        tracing::info!(vm = %id, domain = %name, %accel, host = %host.uri, elapsed = ?started.elapsed(), "libvirt VM launched");
         Ok(machine)
+    }
+}
+
+/// A storage-API failure on host `uri`.
+fn upload_error(uri: &str, e: &VirtError) -> BackendError {
+    BackendError::Io {
+        context: format!("libvirt host {uri}"),
+        source: std::io::Error::other(e.message().to_owned()),
     }
 }
 
@@ -464,13 +870,26 @@ pub struct LibvirtMachine {
     id: String,
     name: String,
     conn: Arc<Connection>,
+    host: Arc<Host>,
     paths: VmPaths,
     revert_path: RevertPath,
     timeouts: LibvirtTimeouts,
     defined: bool,
     destroyed: bool,
     dead: Option<String>,
+    /// Why its host is gone, once found so.
+    lost: Option<String>,
     final_tail: Option<String>,
+    /// What a VM on a remote host has beyond a local one.
+    remote: Option<RemoteParts>,
+}
+
+/// A remote VM's state volume and the bridges of its console and channel.
+#[derive(Debug)]
+struct RemoteParts {
+    state_volume: String,
+    console: Option<ConsolePump>,
+    channel: Option<ChannelProxy>,
 }
 
 impl LibvirtMachine {
@@ -484,19 +903,52 @@ impl LibvirtMachine {
         &self.paths.dir
     }
 
+    /// The connection URI of the host the VM runs on.
+    pub fn host_uri(&self) -> &str {
+        &self.host.uri
+    }
+
+    /// Turns the failure of a call that could not reach the host (the
+    /// connection broke and could not be reopened) into
+    /// [`BackendError::HostLost`], and remembers it: the host is skipped by
+    /// new launches, and this VM fails fast from now on.
+    fn host_error(&mut self, e: BackendError) -> BackendError {
+        let reason = e.to_string();
+        self.host.mark_lost(&reason);
+        self.lost = Some(reason);
+        self.lost_error()
+    }
+
+    fn lost_error(&self) -> BackendError {
+        BackendError::HostLost {
+            host: self.host.uri.clone(),
+            vm: self.id.clone(),
+            reason: self.lost.clone().unwrap_or_default(),
+        }
+    }
+
     /// Runs `f` on this machine's domain.
-    async fn on_domain<T, F>(&self, operation: &str, f: F) -> Result<T, BackendError>
+    async fn on_domain<T, F>(&mut self, operation: &str, f: F) -> Result<T, BackendError>
     where
         T: Send + 'static,
         F: Fn(&Domain) -> Result<T, VirtError> + Send + 'static,
     {
+        if self.lost.is_some() {
+            return Err(self.lost_error());
+        }
         let name = self.name.clone();
-        let result = self
+        let result = match self
             .conn
             .with(move |c: &Connect| f(&c.lookup_domain_by_name(&name)?))
-            .await?;
+            .await
+        {
+            Ok(result) => result,
+            Err(e) => return Err(self.host_error(e)),
+        };
         result.map_err(|e| {
-            if is_no_domain(&e) || is_not_running(&e) {
+            if is_connection_error(&e) {
+                self.host_error(control(&self.id, operation, e.to_string()))
+            } else if is_no_domain(&e) || is_not_running(&e) {
                 self.crashed(format!("{operation}: {}", e.message()))
             } else {
                 control(&self.id, operation, e.to_string())
@@ -519,17 +971,32 @@ impl LibvirtMachine {
         self.crashed(reason)
     }
 
-    /// The domain's state and why (`virDomainGetState`).
+    /// The domain's state and why (`virDomainGetState`); a host that does
+    /// not answer is [`BackendError::HostLost`].
     async fn domain_state(
-        &self,
+        &mut self,
     ) -> Result<Result<(DomainStateEnum, DomainStateReasonEnum), VirtError>, BackendError> {
+        if self.lost.is_some() {
+            return Err(self.lost_error());
+        }
         let name = self.name.clone();
-        self.conn
+        match self
+            .conn
             .with(move |c| c.lookup_domain_by_name(&name)?.state())
             .await
+        {
+            Ok(Err(e)) if is_connection_error(&e) => {
+                Err(self.host_error(control(&self.id, "virDomainGetState", e.to_string())))
+            }
+            Ok(result) => Ok(result),
+            Err(e) => Err(self.host_error(e)),
+        }
     }
 
     fn known_dead(&self) -> Option<BackendError> {
+        if self.lost.is_some() {
+            return Some(self.lost_error());
+        }
         if self.destroyed {
             return Some(self.crashed("the VM was destroyed".into()));
         }
@@ -557,7 +1024,7 @@ impl LibvirtMachine {
     }
 
     /// The domain's snapshots with their metadata.
-    pub async fn list_snapshots(&self) -> Result<Vec<SnapshotInfo>, BackendError> {
+    pub async fn list_snapshots(&mut self) -> Result<Vec<SnapshotInfo>, BackendError> {
         let xmls = self
             .on_domain("virDomainListAllSnapshots", |d| {
                 d.list_all_snapshots(0)?
@@ -604,12 +1071,34 @@ impl LibvirtMachine {
                     Domain::lookup_snapshot_by_name(d, &n, 0)?.revert(0)
                 })
                 .await?;
+                if self.remote.is_some() {
+                    self.reattach_console().await?;
+                }
                 self.wait_for_guest_hangup(disconnects_before).await;
                 RevertOutcome::ChannelReset
             }
         };
         tracing::debug!(vm = %self.id, snapshot = name, ?path, elapsed = ?started.elapsed(), "reverted");
         Ok(outcome)
+    }
+
+    /// A remote VM's console stream ends when libvirt restarts its QEMU
+    /// (`virDomainRevertToSnapshot`): open a new one. What the guest printed
+    /// in between is not in the log (the hang-up wait may then run out).
+    async fn reattach_console(&mut self) -> Result<(), BackendError> {
+        let (uri, name, log) = (
+            self.host.uri.clone(),
+            self.name.clone(),
+            self.paths.serial_log.clone(),
+        );
+        let pump = tokio::task::spawn_blocking(move || ConsolePump::start(&uri, &name, &log))
+            .await
+            .map_err(|e| control(&self.id, "reattaching the console", e.to_string()))?
+            .map_err(|e| control(&self.id, "reattaching the console", e))?;
+        if let Some(remote) = self.remote.as_mut() {
+            remote.console = Some(pump);
+        }
+        Ok(())
     }
 
     /// How often the guest agent logged that the host went away.
@@ -642,7 +1131,7 @@ impl LibvirtMachine {
     /// The pid of the domain's QEMU (from libvirt's pid file).
     fn qemu_pid(&self) -> Option<u32> {
         let uri = self.conn.uri();
-        let dir = if uri.contains("/session") {
+        let dir = if uri.contains("/session") || !self.host.local {
             return None;
         } else {
             "/run/libvirt/qemu"
@@ -655,6 +1144,11 @@ impl LibvirtMachine {
     }
 
     fn remove_files(&mut self) -> Result<(), BackendError> {
+        if let Some(remote) = self.remote.as_mut() {
+            // Stops accepting on the local socket; the bridges end with the domain.
+            remote.channel.take();
+            remote.console.take();
+        }
         if !self.paths.dir.exists() {
             return Ok(());
         }
@@ -673,6 +1167,15 @@ impl LibvirtMachine {
 pub fn hmp_reply_is_error(reply: &str) -> bool {
     let r = reply.trim();
     !r.is_empty() && (r.contains("Error") || r.contains("error") || r.contains("not found"))
+}
+
+/// [`destroy_domain_blocking`], then deletes the remote VM's state volume.
+fn destroy_blocking(c: &Connect, name: &str, state_volume: Option<&str>) -> Result<(), VirtError> {
+    destroy_domain_blocking(c, name)?;
+    match state_volume {
+        Some(volume) => upload::delete_volume(c, volume),
+        None => Ok(()),
+    }
 }
 
 /// Destroys (if running) and undefines a domain with its snapshot metadata.
@@ -696,10 +1199,17 @@ fn destroy_domain_blocking(c: &Connect, name: &str) -> Result<(), VirtError> {
     }
 }
 
-/// Destroys domains titled/prefixed `agentvm` whose owner process is gone and
-/// removes their directories (only below `root`).
-fn sweep_blocking(conn: &Arc<Connection>, root: &Path) -> Result<Vec<String>, BackendError> {
+/// Destroys domains titled/prefixed `agentvm` whose owner process (on this
+/// machine) is gone and removes their directories (only below `root`); on a
+/// remote host (`remote`) also their state volumes. Domains of other
+/// machines are left alone.
+fn sweep_blocking(
+    conn: &Arc<Connection>,
+    root: &Path,
+    remote: bool,
+) -> Result<Vec<String>, BackendError> {
     let root = root.to_path_buf();
+    let me = domain_xml::this_machine();
     let swept = conn.with_blocking(move |c| {
         let mut swept = Vec::new();
         for d in c.list_all_domains(0)? {
@@ -714,6 +1224,9 @@ fn sweep_blocking(conn: &Arc<Connection>, root: &Path) -> Result<Vec<String>, Ba
             let Some(owner) = domain_xml::parse_owner(&xml) else {
                 continue;
             };
+            if domain_xml::parse_machine(&xml).is_some_and(|m| m != me) {
+                continue;
+            }
             let stamp = ProcessStamp {
                 pid: owner.pid,
                 start_time: owner.start_time,
@@ -721,7 +1234,8 @@ fn sweep_blocking(conn: &Arc<Connection>, root: &Path) -> Result<Vec<String>, Ba
             if stamp.is_alive() {
                 continue;
             }
-            if let Err(e) = destroy_domain_blocking(c, &name) {
+            let volume = remote.then(|| upload::state_volume_name(&name));
+            if let Err(e) = destroy_blocking(c, &name, volume.as_deref()) {
                 tracing::warn!(domain = %name, error = %e, "could not remove leftover domain");
                 continue;
             }
@@ -907,15 +1421,26 @@ impl Machine for LibvirtMachine {
             return Ok(());
         }
         let name = self.name.clone();
-        let result = if self.defined {
+        let volume = self.remote.as_ref().map(|r| r.state_volume.clone());
+        let result = if self.lost.is_some() {
+            // Nothing to reach: the VM went with its host.
+            Ok(())
+        } else if self.defined || volume.is_some() {
             match self
                 .conn
-                .with(move |c| destroy_domain_blocking(c, &name))
+                .with(move |c| destroy_blocking(c, &name, volume.as_deref()))
                 .await
             {
                 Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) if is_connection_error(&e) => {
+                    self.host_error(control(&self.id, "destroying the domain", e.to_string()));
+                    Ok(())
+                }
                 Ok(Err(e)) => Err(control(&self.id, "destroying the domain", e.to_string())),
-                Err(e) => Err(e),
+                Err(e) => {
+                    self.host_error(e);
+                    Ok(())
+                }
             }
         } else {
             Ok(())
@@ -950,12 +1475,13 @@ impl Drop for LibvirtMachine {
         if self.destroyed {
             return;
         }
-        if self.defined {
+        let volume = self.remote.as_ref().map(|r| r.state_volume.clone());
+        if (self.defined || volume.is_some()) && self.lost.is_none() {
             let name = self.name.clone();
             let conn = Arc::clone(&self.conn);
             // Blocking (a few ms); a thread so that a runtime worker is not blocked.
             let joined = std::thread::spawn(move || {
-                conn.with_blocking(|c| destroy_domain_blocking(c, &name))
+                conn.with_blocking(|c| destroy_blocking(c, &name, volume.as_deref()))
             })
             .join();
             if !matches!(joined, Ok(Ok(Ok(())))) {
