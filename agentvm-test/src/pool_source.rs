@@ -183,7 +183,7 @@ pub fn idle_timeout_from_env() -> Result<Duration, String> {
     }
 }
 
-/// Serves as the pool daemon (the test binary started by [`start_daemon`])
+/// Serves as the pool daemon (this test binary, started with [`SERVE_ENV`] set)
 /// and returns the exit code.
 pub fn serve_as_daemon() -> i32 {
     let result = AgentVmConfig::load()

@@ -608,3 +608,192 @@ fn random_token() -> u64 {
     }
     u64::from_le_bytes(bytes)
 }
+
+#[cfg(test)]
+mod tests {
+    //! The daemon end to end on the mock backend (no VM): leases, the
+    //! spliced channel, release and reuse, refusals. The real-VM behaviour
+    //! (SIGKILL, concurrency, idle exit) is tested in
+    //! `agentvm-test/tests/pool_daemon.rs`.
+    use std::path::Path;
+
+    use futures::FutureExt;
+    use tokio::io::AsyncWriteExt;
+
+    use super::*;
+    use crate::backend::MachineState;
+    use crate::config::BackendKind;
+    use crate::daemon::client;
+    use crate::pool::ReleaseOutcome;
+    use crate::spec::{NetworkMode, ResourceProfile};
+
+    fn mock_config(dir: &Path) -> AgentVmConfig {
+        let image = dir.join("images").join("default");
+        std::fs::create_dir_all(&image).unwrap();
+        std::fs::write(
+            image.join("manifest.json"),
+            r#"{"cmdline": "console=ttyS0"}"#,
+        )
+        .unwrap();
+        std::fs::write(image.join("vmlinuz"), b"not a kernel").unwrap();
+        std::fs::write(image.join("initramfs.cpio.gz"), b"not an initramfs").unwrap();
+        AgentVmConfig {
+            backend: BackendKind::Mock,
+            image_dir: dir.join("images"),
+            pool_min_size: 1,
+            pool_max_size: 1,
+            ..AgentVmConfig::defaults_for(dir)
+        }
+    }
+
+    fn request(config: &AgentVmConfig) -> LeaseRequest {
+        LeaseRequest {
+            fingerprint: fingerprint(config),
+            shape: PoolShape {
+                image: "default".into(),
+                profile: ResourceProfile::Minimal,
+                network: NetworkMode::Isolated,
+            },
+            acquire_timeout: Duration::from_secs(10),
+            client: "unit test".into(),
+        }
+    }
+
+    async fn start(config: &AgentVmConfig) -> (DaemonPaths, tokio::task::JoinHandle<()>) {
+        let paths = DaemonPaths::for_config(config);
+        let options = ServeOptions {
+            paths: paths.clone(),
+            idle_timeout: Duration::from_secs(60),
+            log_leases: true,
+        };
+        let daemon = tokio::spawn(serve(config.clone(), options).map(|r| r.unwrap()));
+        for _ in 0..200 {
+            if client::is_listening(&paths.socket) {
+                return (paths, daemon);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the daemon did not listen");
+    }
+
+    async fn raw(socket: &Path, bytes: &[u8]) -> Response {
+        let mut stream = UnixStream::connect(socket).await.unwrap();
+        stream.write_all(bytes).await.unwrap();
+        read_message(&mut stream).await.unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn leases_are_reverted_and_reused_and_bad_requests_change_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = mock_config(dir.path());
+        let (paths, daemon) = start(&config).await;
+        let spec = config.vm_spec(locate_image("default", &config.image_dir).unwrap());
+
+        // A second daemon on the same socket is refused.
+        let second = serve(
+            config.clone(),
+            ServeOptions {
+                paths: paths.clone(),
+                idle_timeout: Duration::from_secs(1),
+                log_leases: false,
+            },
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(second, DaemonError::AlreadyRunning { .. }),
+            "{second}"
+        );
+
+        // A lease gives a working VM through the spliced channel.
+        let mut lease = client::lease(&paths.socket, request(&config), spec.clone())
+            .await
+            .unwrap();
+        let vm_id = lease.id().to_string();
+        let out = lease
+            .exec(crate::command::Command::new("echo").arg("through the daemon"))
+            .await
+            .unwrap();
+        assert_eq!(out.stdout, b"through the daemon\n");
+        // Machine calls are forwarded; a revert inside the lease resyncs.
+        assert_eq!(lease.state().await.unwrap(), MachineState::Running);
+        lease.revert().await.unwrap();
+        lease.ping().await.unwrap();
+        let outcome = lease.release().await.unwrap();
+        assert!(
+            matches!(outcome, ReleaseOutcome::Reverted(_)),
+            "{outcome:?}"
+        );
+
+        // Malformed requests: a clear error, and nothing changes.
+        let mut garbage = 5u32.to_be_bytes().to_vec();
+        garbage.extend_from_slice(b"hello");
+        let answer = raw(&paths.socket, &garbage).await;
+        assert!(
+            matches!(&answer, Response::Error(Refusal::Malformed(m)) if m.contains("malformed")),
+            "{answer:?}"
+        );
+        let answer = raw(&paths.socket, &u32::MAX.to_be_bytes()).await;
+        assert!(
+            matches!(&answer, Response::Error(Refusal::Malformed(m)) if m.contains("above the limit")),
+            "{answer:?}"
+        );
+        let answer = raw(
+            &paths.socket,
+            &super::super::protocol::encode(&Request::Release),
+        )
+        .await;
+        assert!(
+            matches!(answer, Response::Error(Refusal::Unexpected(_))),
+            "{answer:?}"
+        );
+        let answer = raw(
+            &paths.socket,
+            &super::super::protocol::encode(&Request::Channel { lease: 1, token: 0 }),
+        )
+        .await;
+        assert_eq!(answer, Response::Error(Refusal::UnknownLease(1)));
+
+        // Another configuration: refused, naming the difference.
+        let mut other = request(&config);
+        other.fingerprint.backend = "qemu".into();
+        let e = client::lease(&paths.socket, other, spec.clone())
+            .await
+            .unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.contains("backend: daemon mock, this process qemu"),
+            "{text}"
+        );
+        assert!(text.contains("agentvm pool stop"), "{text}");
+
+        // The same VM serves the next lease; dropping a lease gives it back too.
+        let lease = client::lease(&paths.socket, request(&config), spec.clone())
+            .await
+            .unwrap();
+        assert_eq!(lease.id(), vm_id);
+        assert_eq!(lease.uses(), 2);
+        drop(lease);
+        let mut lease = client::lease(&paths.socket, request(&config), spec)
+            .await
+            .unwrap();
+        assert_eq!(lease.id(), vm_id);
+        lease.ping().await.unwrap();
+
+        let status = client::status(&paths.socket).await.unwrap();
+        assert_eq!(status.open_leases, 1);
+        assert_eq!(status.pools.len(), 1);
+        assert_eq!(status.pools[0].key, "default/1x256MiB/isolated");
+        assert_eq!(status.pools[0].leases, 3);
+        assert_eq!(status.pools[0].vms, vec![vm_id]);
+
+        // Stop ends the open lease and the pools, then the daemon.
+        client::stop(&paths.socket).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), daemon)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(!paths.socket.exists());
+        assert!(lease.ping().await.is_err(), "the daemon's end is closed");
+    }
+}

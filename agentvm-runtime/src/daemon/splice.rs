@@ -39,8 +39,11 @@ const PIPE_CAPACITY: usize = 256 * 1024;
 /// A backend whose machines can lend their channel ([`SpliceHandle`]).
 pub struct SplicingBackend {
     inner: Arc<dyn Backend>,
-    handles: Mutex<HashMap<String, (Weak<SpliceHandle>, Option<u32>)>>,
+    handles: Mutex<HashMap<String, Registered>>,
 }
+
+/// A machine's splice handle and its hypervisor's pid, by VM id.
+type Registered = (Weak<SpliceHandle>, Option<u32>);
 
 impl SplicingBackend {
     /// Wraps `inner`.

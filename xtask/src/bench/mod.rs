@@ -17,6 +17,7 @@
 //! ([`procs`]). Percentiles are computed here ([`stats`]).
 
 mod agent_image;
+mod daemon_lease;
 mod machine;
 mod procs;
 mod progress;
@@ -221,6 +222,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if args.backend == BackendArg::Qemu {
         report.agent_image = measure_agent_image(&printer, &root, &out_dir, &programs, args.quick)?;
     }
+    if args.backend == BackendArg::Qemu {
+        printer.phase("pool daemon: lease over its socket");
+        report.daemon_lease = daemon_lease::measure(&printer, &root, &out_dir, args.quick)?;
+    }
     if let Some(dir) = json_path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
@@ -231,6 +236,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     println!("\n{}", report.render());
     if let Some(agent) = &report.agent_image {
         println!("{}", agent.render());
+    }
+    if let Some(lease) = &report.daemon_lease {
+        println!("{}", lease.render());
     }
     Ok(())
 }

@@ -191,6 +191,8 @@ pub struct Report {
     pub artifacts_dir: String,
     /// The Debian `agent` image, when built (`null` otherwise).
     pub agent_image: Option<super::agent_image::AgentImageReport>,
+    /// A lease over the pool daemon's socket (`null`: not measured).
+    pub daemon_lease: Option<super::daemon_lease::DaemonLeaseReport>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -574,6 +576,7 @@ impl Report {
             where_the_time_goes: Vec::new(),
             artifacts_dir,
             agent_image: None,
+            daemon_lease: None,
         };
         report.where_the_time_goes = report.explain();
         report
