@@ -3,13 +3,16 @@
 //! their own under cargo-nextest; this is for running it by hand (in the
 //! foreground, with its log) and for stopping it.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use agentvm_runtime::config::{parse_duration, AgentVmConfig};
 use agentvm_runtime::daemon::server::{serve, ServeOptions};
 use agentvm_runtime::daemon::{client, DaemonError, DaemonPaths};
 use anyhow::{anyhow, Context};
+
+/// How long `stop` waits for the daemon to shut its VMs down and exit.
+const STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(90);
 
 /// The pool daemon's subcommands.
 #[derive(Debug, clap::Subcommand)]
@@ -111,9 +114,25 @@ pub async fn run(command: PoolCommand) -> anyhow::Result<ExitCode> {
         }
         PoolCommand::Stop { socket } => {
             let paths = paths(&config, &socket);
+            let pid = client::status(&paths.socket).await.ok().map(|s| s.pid);
             match client::stop(&paths.socket).await {
                 Ok(()) => {
-                    println!("pool daemon on {} stopping", paths.socket.display());
+                    // It shuts its VMs down before it exits: wait for that.
+                    let gone = || match pid {
+                        Some(pid) => !Path::new(&format!("/proc/{pid}")).exists(),
+                        None => true,
+                    };
+                    let deadline = std::time::Instant::now() + STOP_WAIT;
+                    while !gone() && std::time::Instant::now() < deadline {
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    }
+                    if !gone() {
+                        return Err(anyhow!(
+                            "the pool daemon on {} (pid {pid:?}) still runs {STOP_WAIT:?} after Stop",
+                            paths.socket.display()
+                        ));
+                    }
+                    println!("pool daemon on {} stopped", paths.socket.display());
                     Ok(ExitCode::SUCCESS)
                 }
                 Err(DaemonError::NotRunning { .. }) => {

@@ -178,7 +178,7 @@ pub enum DaemonError {
     },
     /// The leased VM could not be attached.
     #[error(transparent)]
-    Vm(#[from] crate::vm::VmError),
+    Attach(#[from] crate::vm::VmError),
     /// Host I/O failed.
     #[error("{context}: {source}")]
     Io {
