@@ -11,7 +11,9 @@
 //! the daemon's pool acquire, the spliced channel, the `Vm` handle) and
 //! release it (the daemon reverts the VM and reports; this is the time the
 //! test process waits after its test). Between samples it waits, untimed,
-//! until the VM is back in the pool, so every acquire finds it warm. Writes
+//! until the VM is back in the pool, so every acquire finds it warm. Each
+//! lease also pings the guest agent a few times (the control channel as
+//! the test process has it, through the daemon's splice). Writes
 //! the samples (seconds) as JSON; stops the daemon (no VM outlives it).
 //! Progress goes to stderr as `@phase` / `@note` lines, like `agentvm-bench`.
 
@@ -33,6 +35,8 @@ const RAW_FORMAT: u32 = 1;
 /// The daemon's own artifacts directory (its socket and log), set by the
 /// measuring process for the daemon it starts.
 const DIR_ENV: &str = "AGENT_VM_ARTIFACTS_DIR";
+/// Pings per lease (the channel through the daemon; untimed in the lease).
+const PINGS: usize = 5;
 
 #[derive(Serialize)]
 struct Samples {
@@ -43,6 +47,8 @@ struct Samples {
     release_s: Vec<f64>,
     /// The daemon's revert, as it reported it, seconds.
     revert_s: Vec<f64>,
+    /// A ping answered by the guest agent through the daemon's splice, seconds.
+    ping_s: Vec<f64>,
 }
 
 fn main() {
@@ -127,12 +133,17 @@ fn measure(args: &[String]) -> Result<()> {
             acquire_s: Vec::new(),
             release_s: Vec::new(),
             revert_s: Vec::new(),
+            ping_s: Vec::new(),
         };
         for _ in 0..leases {
             wait_warm(&paths.socket).await?;
             let started = Instant::now();
             let lease = client::lease(&paths.socket, request.clone(), spec.clone()).await?;
             samples.acquire_s.push(started.elapsed().as_secs_f64());
+            let mut lease = lease;
+            for _ in 0..PINGS {
+                samples.ping_s.push(lease.ping().await?.as_secs_f64());
+            }
             let released = Instant::now();
             let outcome = lease.release().await?;
             samples.release_s.push(released.elapsed().as_secs_f64());

@@ -25,6 +25,7 @@ struct Raw {
     acquire_s: Vec<f64>,
     release_s: Vec<f64>,
     revert_s: Vec<f64>,
+    ping_s: Vec<f64>,
 }
 
 /// The row in the JSON report (`daemon_lease`).
@@ -38,6 +39,9 @@ pub struct DaemonLeaseReport {
     pub revert_ms: Summary,
     /// acquire + release per lease: what a test process pays around its test (ms).
     pub round_trip_ms: Summary,
+    /// A ping answered by the guest agent through the daemon's splice (ms;
+    /// compare `channel_ping_ms`, the channel in-process).
+    pub ping_ms: Summary,
 }
 
 impl DaemonLeaseReport {
@@ -54,6 +58,7 @@ impl DaemonLeaseReport {
             release_ms: ms(&raw.release_s)?,
             revert_ms: ms(&raw.revert_s)?,
             round_trip_ms: ms(&round_trip)?,
+            ping_ms: ms(&raw.ping_s)?,
         })
     }
 
@@ -65,6 +70,7 @@ impl DaemonLeaseReport {
             ("lease acquire over the socket (ms)", &self.acquire_ms),
             ("lease release, daemon reverts (ms)", &self.release_ms),
             ("lease acquire + release (ms)", &self.round_trip_ms),
+            ("ping through the daemon's splice (ms)", &self.ping_ms),
         ] {
             let _ = writeln!(out, "{name:<44} {:>8.2} {:>8.2} {:>4}", s.p50, s.p99, s.n);
         }
@@ -157,21 +163,23 @@ mod tests {
     #[test]
     fn rows_from_samples() {
         let raw: Raw = serde_json::from_str(
-            r#"{"format":1,"acquire_s":[0.001,0.002],"release_s":[0.1,0.2],"revert_s":[0.09,0.19]}"#,
+            r#"{"format":1,"acquire_s":[0.001,0.002],"release_s":[0.1,0.2],"revert_s":[0.09,0.19],"ping_s":[0.0005]}"#,
         )
         .unwrap();
         let report = DaemonLeaseReport::build(&raw).unwrap();
         assert_eq!(report.acquire_ms.p50, 1.0);
         assert_eq!(report.round_trip_ms.p99, 202.0);
         assert_eq!(report.revert_ms.n, 2);
+        assert_eq!(report.ping_ms.p50, 0.5);
         let text = report.render();
         assert!(
             text.contains("lease acquire over the socket (ms)"),
             "{text}"
         );
-        let empty: Raw =
-            serde_json::from_str(r#"{"format":1,"acquire_s":[],"release_s":[],"revert_s":[]}"#)
-                .unwrap();
+        let empty: Raw = serde_json::from_str(
+            r#"{"format":1,"acquire_s":[],"release_s":[],"revert_s":[],"ping_s":[]}"#,
+        )
+        .unwrap();
         assert!(DaemonLeaseReport::build(&empty).is_none());
     }
 }
