@@ -24,7 +24,8 @@
 //!   `serial.log` (the VM's serial console) and `failure.txt`. They are kept
 //!   for failed tests and removed for passing ones unless
 //!   `AGENT_VM_KEEP_ARTIFACTS=1`. Secrets are redacted in all of them.
-//! * At the end every pool is shut down (no VM outlives the run) and the
+//! * At the end every pool of the process is shut down (no VM outlives the
+//!   run; the pool daemon's VMs live until its idle timeout) and the
 //!   process exits with libtest's exit code (101 when a test failed).
 //!
 //! * Observability: every VM lifecycle event and agent run is appended to the

@@ -201,6 +201,15 @@ pub fn serve_as_daemon() -> i32 {
         idle_timeout,
         log_leases: true,
     };
+    // The VMs' lifecycle events (boots, reverts, crashes) happen here: into
+    // the audit log the test processes append their own events to.
+    let _audit = match crate::audit::AuditLog::open(&config.audit_log_path()) {
+        Ok(log) => Some(agentvm_runtime::events::subscribe(std::sync::Arc::new(log))),
+        Err(e) => {
+            eprintln!("agentvm pool: cannot open the audit log: {e}");
+            None
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("agentvm-pool")
