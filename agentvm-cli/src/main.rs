@@ -1,11 +1,13 @@
 //! `agentvm`: run a command in a throwaway VM (`exec`), open a shell in one
 //! (`shell`), check that this host can run VMs (`doctor`), build a guest
 //! image (`image build`), set up the libvirt network (`setup-network`), or
-//! rebuild a suite run's HTML report from its artifacts (`report`).
+//! rebuild a suite run's HTML report from its artifacts (`report`), or run
+//! the pool daemon that leases warm VMs to test processes (`pool serve`).
 #![forbid(unsafe_code)]
 
 mod doctor;
 mod image;
+mod pool;
 mod session;
 
 use std::process::ExitCode;
@@ -80,6 +82,11 @@ enum Command {
         /// target/agentvm).
         dir: Option<std::path::PathBuf>,
     },
+    /// The pool daemon: warm VMs leased to test processes (cargo-nextest).
+    Pool {
+        #[command(subcommand)]
+        command: pool::PoolCommand,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -98,6 +105,7 @@ fn main() -> ExitCode {
         | Command::Image { .. }
         | Command::SetupNetwork(_)
         | Command::Report { .. } => false,
+        Command::Pool { .. } => true,
     };
     init_logging(verbose);
     let result = match cli.command {
@@ -113,6 +121,7 @@ fn main() -> ExitCode {
         } => image::build(*args),
         Command::SetupNetwork(args) => image::setup_network(&args),
         Command::Report { dir } => report(dir),
+        Command::Pool { command } => block_on(pool::run(command)),
     };
     finish(result)
 }
@@ -194,6 +203,29 @@ mod tests {
         };
         assert_eq!(a.image_name(), "rich");
         assert!(a.out.is_none());
+        let cli =
+            Cli::try_parse_from(["agentvm", "pool", "serve", "--idle-timeout", "5s"]).unwrap();
+        let Command::Pool {
+            command:
+                pool::PoolCommand::Serve {
+                    idle_timeout,
+                    socket,
+                    verbose,
+                },
+        } = cli.command
+        else {
+            panic!("parsed as pool serve")
+        };
+        assert_eq!(idle_timeout, std::time::Duration::from_secs(5));
+        assert!(socket.socket.is_none() && !verbose);
+        let cli = Cli::try_parse_from(["agentvm", "pool", "serve"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Pool { command: pool::PoolCommand::Serve { idle_timeout, .. } } if idle_timeout == agentvm_runtime::daemon::DEFAULT_IDLE_TIMEOUT
+        ));
+        assert!(
+            Cli::try_parse_from(["agentvm", "pool", "serve", "--idle-timeout", "soon"]).is_err()
+        );
         let cli = Cli::try_parse_from(["agentvm", "setup-network", "--teardown"]).unwrap();
         assert!(matches!(cli.command, Command::SetupNetwork(a) if a.teardown && !a.dry_run));
     }

@@ -282,6 +282,24 @@ impl GuestClient {
     where
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
+        Self::attach_with(stream, guest_hello, false)
+    }
+
+    /// [`GuestClient::attach`] for a stream that may begin with garbage (the
+    /// end of frames a reverted guest was writing, or the middle of one):
+    /// until [`GuestClient::resync`] is called, whatever arrives is dropped
+    /// instead of closing the channel as malformed. Call `resync` next.
+    pub fn attach_after_revert<S>(stream: S, guest_hello: Hello) -> Self
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        Self::attach_with(stream, guest_hello, true)
+    }
+
+    fn attach_with<S>(stream: S, guest_hello: Hello, garbage_first: bool) -> Self
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
         let (read_half, write_half): (ReadHalf<S>, WriteHalf<S>) = tokio::io::split(stream);
         let shared = Arc::new(Shared {
             waiters: Mutex::new(HashMap::new()),
@@ -296,6 +314,7 @@ impl GuestClient {
             Arc::clone(&shared),
             Arc::clone(&tunnel),
             control_rx,
+            garbage_first,
         ));
         let writer: Arc<tokio::sync::Mutex<ChannelWriter>> = Arc::new(tokio::sync::Mutex::new(
             FrameWriter::new(Box::new(write_half)),
@@ -702,14 +721,23 @@ async fn read_loop<R: AsyncRead + Unpin>(
     shared: Arc<Shared>,
     tunnel: Arc<Hub>,
     mut control: mpsc::UnboundedReceiver<Control>,
+    garbage_first: bool,
 ) {
     let mut resync: Option<ResyncState> = None;
+    // Before the first resync of a client attached after a revert nothing
+    // was asked: every frame and every broken one is garbage.
+    let mut discarding = garbage_first;
+    if discarding {
+        reader.set_resync(true);
+        reader.set_hunting(true);
+    }
     let reason = loop {
         let next = tokio::select! {
             biased;
             command = control.recv() => {
                 match command {
                     Some(Control::Resync { nonce, done }) => {
+                        discarding = false;
                         reader.set_resync(true);
                         reader.set_hunting(true);
                         reader.discard_buffered();
@@ -740,11 +768,15 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     }
                     continue;
                 }
+                if discarding {
+                    continue;
+                }
                 if let Err(reason) = route(&shared, &tunnel, frame) {
                     break reason;
                 }
             }
             Ok(None) => break "the guest closed the channel".to_string(),
+            Err(error) if discarding && error.is_frame_local() => {}
             Err(error) if resync.is_some() && error.is_frame_local() => {
                 if let Some(state) = resync.as_mut() {
                     state.frames_dropped += 1;

@@ -21,6 +21,8 @@ pub mod command;
 #[cfg(feature = "host")]
 pub mod config;
 #[cfg(feature = "host")]
+pub mod daemon;
+#[cfg(feature = "host")]
 pub mod events;
 #[cfg(feature = "host")]
 pub mod image;

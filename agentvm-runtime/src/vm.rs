@@ -511,6 +511,37 @@ impl Vm {
         }
     }
 
+    /// A handle on a VM another process owns: `machine` forwards the
+    /// hypervisor operations to that process (the pool daemon's lease,
+    /// [`crate::daemon`]) and its channel reaches the same guest agent, which
+    /// said `hello` and is quiet (no request in flight). Connects the channel;
+    /// no resynchronisation is needed.
+    pub async fn attach(
+        mut machine: Box<dyn Machine>,
+        hello: Hello,
+        spec: VmSpec,
+        boot: BootTimings,
+    ) -> Result<Self, VmError> {
+        let stream = machine.connect_channel().await?;
+        Ok(Self {
+            client: GuestClient::attach(stream, hello),
+            machine,
+            spec,
+            boot,
+            created: Instant::now(),
+            reverts: 0,
+            last_sample: None,
+            user_snapshots: false,
+        })
+    }
+
+    /// The hypervisor-level machine. For the pool daemon, which runs the
+    /// machine operations of a VM it lent to another process: they bypass
+    /// this handle's channel (that process resynchronises its own).
+    pub fn machine_mut(&mut self) -> &mut dyn Machine {
+        self.machine.as_mut()
+    }
+
     /// The VM's unique id.
     pub fn id(&self) -> &str {
         self.machine.id()
@@ -772,7 +803,8 @@ impl Vm {
         let restore = start.elapsed();
         if outcome == RevertOutcome::ChannelReset {
             let stream = self.machine.connect_channel().await?;
-            self.client = GuestClient::attach(stream, self.client.guest_hello().clone());
+            self.client =
+                GuestClient::attach_after_revert(stream, self.client.guest_hello().clone());
         }
         let resync = match self.client.resync(RESYNC_TIMEOUT).await {
             Ok(stats) => stats,

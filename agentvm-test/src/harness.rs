@@ -24,7 +24,8 @@
 //!   `serial.log` (the VM's serial console) and `failure.txt`. They are kept
 //!   for failed tests and removed for passing ones unless
 //!   `AGENT_VM_KEEP_ARTIFACTS=1`. Secrets are redacted in all of them.
-//! * At the end every pool is shut down (no VM outlives the run) and the
+//! * At the end every pool of the process is shut down (no VM outlives the
+//!   run; the pool daemon's VMs live until its idle timeout) and the
 //!   process exits with libtest's exit code (101 when a test failed).
 //!
 //! * Observability: every VM lifecycle event and agent run is appended to the
@@ -40,12 +41,14 @@
 //!   HTML report of every suite in `suites/` to `<artifacts_dir>/report.html`
 //!   ([`agentvm_report`]).
 //!
-//! Under `cargo nextest run` each test runs in its own process, which boots
-//! its own VM (a pool of at most one VM, as only one test is selected); the
-//! processes of one run (same `NEXTEST_RUN_ID`) merge their tests into the
-//! suite's report, so `report.json` and `report.html` cover the run
-//! (`junit.xml` describes the last process's test; the audit log is
-//! appended to by all).
+//! Under `cargo nextest run` each test runs in its own process; those
+//! processes lease their VMs from the pool daemon
+//! ([`pool_source`](crate::pool_source): started by the first of them, shared
+//! by all, `AGENTVM_POOL=daemon|local` forces either source), so a test
+//! acquires a warm VM instead of booting one. The processes of one run (same
+//! `NEXTEST_RUN_ID`) merge their tests into the suite's report, so
+//! `report.json` and `report.html` cover the run (`junit.xml` describes the
+//! last process's test; the audit log is appended to by all).
 
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
@@ -55,16 +58,19 @@ use std::time::{Duration, Instant, SystemTime};
 
 use agentvm_runtime::backend::{Backend, BackendError};
 use agentvm_runtime::config::{create_backend, parse_network, AgentVmConfig, BackendKind};
+use agentvm_runtime::daemon::protocol::PoolShape;
+use agentvm_runtime::daemon::DaemonPaths;
 use agentvm_runtime::events::{self, emit, Event, Subscription};
 use agentvm_runtime::image::locate_image;
 use agentvm_runtime::pool::{ReleaseOutcome, VmPool};
-use agentvm_runtime::spec::{ImagePaths, NetworkMode, ResourceProfile};
+use agentvm_runtime::spec::{ImagePaths, NetworkMode, ResourceProfile, VmSpec};
 use futures::FutureExt;
 use libtest_mimic::{Arguments, Completion, Failed, Trial};
 
 use crate::anomaly::{self, Anomaly, Baseline, RuleLimits, Sample};
 use crate::audit::AuditLog;
 use crate::context::{self, SharedContext, TestContext};
+use crate::pool_source::{lease_from_daemon, serve_as_daemon, AnyLease, PoolMode, SERVE_ENV};
 use crate::redact::Secrets;
 use crate::registry::{self, TestCase};
 use crate::report::{PhaseKind, Report, RunRecord, TestRecord, TestResultKind};
@@ -99,6 +105,9 @@ pub fn run_harness() -> ! {
 /// (0, or 101 when a test failed). For custom `main` functions; most test
 /// binaries use [`main!`](crate::main).
 pub fn run_tests(mut args: Arguments, tests: &[&'static TestCase]) -> i32 {
+    if std::env::var_os(SERVE_ENV).is_some() {
+        return serve_as_daemon();
+    }
     if args.list {
         // Listing must not read configuration or boot anything.
         let trials = tests
@@ -113,7 +122,10 @@ pub fn run_tests(mut args: Arguments, tests: &[&'static TestCase]) -> i32 {
     install_panic_hook();
     let started_at = SystemTime::now();
     let started = Instant::now();
-    let config = AgentVmConfig::load().map_err(|e| e.to_string());
+    let mode = PoolMode::from_env();
+    let config = AgentVmConfig::load()
+        .map_err(|e| e.to_string())
+        .and_then(|config| mode.clone().map(|_| config));
     match &config {
         Ok(config) => {
             let requested = args
@@ -122,8 +134,15 @@ pub fn run_tests(mut args: Arguments, tests: &[&'static TestCase]) -> i32 {
                 .unwrap_or(1);
             let threads = requested.clamp(1, config.pool_max_size.max(1));
             args.test_threads = Some(threads);
+            let source = match mode {
+                Ok(PoolMode::Daemon) => format!(
+                    " from the pool daemon {}",
+                    DaemonPaths::for_config(config).socket.display()
+                ),
+                _ => String::new(),
+            };
             eprintln!(
-                "agentvm: backend {}, image {:?}, pool {}..{} VMs, {threads} test thread{}",
+                "agentvm: backend {}, image {:?}, pool {}..{} VMs{source}, {threads} test thread{}",
                 config.backend.name(),
                 config.image,
                 config.pool_min_size,
@@ -152,6 +171,7 @@ pub fn run_tests(mut args: Arguments, tests: &[&'static TestCase]) -> i32 {
     };
     let harness = Arc::new(Harness {
         config,
+        mode: mode.unwrap_or(PoolMode::Local),
         runtime: OnceLock::new(),
         backend: OnceLock::new(),
         pools: Mutex::new(HashMap::new()),
@@ -314,6 +334,16 @@ impl Shape {
     }
 }
 
+impl Shape {
+    /// The spec of this shape's VMs.
+    fn spec(&self, config: &AgentVmConfig, image: ImagePaths) -> VmSpec {
+        let mut spec = config.vm_spec(image);
+        spec.profile = self.profile;
+        spec.network = self.network.clone();
+        spec
+    }
+}
+
 /// The egress allowlist of a test in `mode`: the configured patterns (in
 /// `allowlist` mode) and the attribute's, each checked to parse.
 fn egress_allowlist(
@@ -337,6 +367,8 @@ fn egress_allowlist(
 
 struct Harness {
     config: Result<AgentVmConfig, String>,
+    /// Where the VMs come from.
+    mode: PoolMode,
     runtime: OnceLock<tokio::runtime::Runtime>,
     backend: OnceLock<Result<Arc<dyn Backend>, String>>,
     pools: Mutex<HashMap<String, VmPool>>,
@@ -439,10 +471,7 @@ impl Harness {
             return Ok(pool.clone());
         }
         let backend = self.backend(config)?;
-        let mut spec = config.vm_spec(image);
-        spec.profile = shape.profile;
-        spec.network = shape.network.clone();
-        let mut pool_config = config.pool_config(spec);
+        let mut pool_config = config.pool_config(shape.spec(config, image));
         let planned = self.planned.get(&shape.key).copied().unwrap_or(1);
         pool_config.min_size = pool_config.min_size.min(planned);
         let pool = VmPool::new(backend, pool_config).map_err(|e| e.to_string())?;
@@ -686,12 +715,28 @@ impl Harness {
             Ok(image) => image,
             Err(e) => return failed(image_error(&e)),
         };
-        let pool = match self.pool(config, &shape, image) {
-            Ok(pool) => pool,
-            Err(e) => return failed(e),
-        };
         let acquire_started = Instant::now();
-        let mut lease = match pool.acquire(config.acquire_timeout).await {
+        let acquired = match self.mode {
+            PoolMode::Local => match self.pool(config, &shape, image) {
+                Ok(pool) => pool
+                    .acquire(config.acquire_timeout)
+                    .await
+                    .map(AnyLease::Local)
+                    .map_err(|e| e.to_string()),
+                Err(e) => return failed(e),
+            },
+            PoolMode::Daemon => {
+                let daemon_shape = PoolShape {
+                    image: shape.image.clone(),
+                    profile: shape.profile,
+                    network: shape.network.clone(),
+                };
+                lease_from_daemon(config, daemon_shape, shape.spec(config, image), name)
+                    .await
+                    .map(AnyLease::Remote)
+            }
+        };
+        let mut lease = match acquired {
             Ok(lease) => lease,
             Err(e) => return failed(format!("could not get a VM ({}): {e}", shape.key)),
         };
@@ -770,7 +815,7 @@ impl Harness {
             Ok(Ok(ReleaseOutcome::Destroyed(reason))) => {
                 format!("revert failed, VM destroyed: {reason}")
             }
-            Ok(Err(_)) => "release outcome unknown".to_string(),
+            Ok(Err(e)) => e,
             Err(_) => format!("revert still running after {}", fmt_duration(RELEASE_WAIT)),
         };
         eprintln!(

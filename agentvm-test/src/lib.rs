@@ -36,6 +36,7 @@
 pub mod anomaly;
 pub mod audit;
 pub mod harness;
+pub mod pool_source;
 pub mod redact;
 pub mod registry;
 pub mod report;

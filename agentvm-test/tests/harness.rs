@@ -288,6 +288,8 @@ mod driver {
             }
             command
                 .env(FIXTURE_ENV, "1")
+                // The fixture's pool is in its process (this driver may run under nextest).
+                .env("AGENTVM_POOL", "local")
                 .env("AGENT_VM_BACKEND", "mock")
                 .env("AGENT_VM_IMAGE_DIR", self.images())
                 .env("AGENT_VM_ARTIFACTS_DIR", self.artifacts())

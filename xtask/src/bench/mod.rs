@@ -20,6 +20,7 @@
 //! `--only peers|nextest` measures just those.
 
 mod agent_image;
+mod daemon_lease;
 mod libvirt_hosts;
 mod machine;
 mod nextest;
@@ -245,6 +246,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if args.backend == BackendArg::Qemu {
         report.agent_image = measure_agent_image(&printer, &root, &out_dir, &programs, args.quick)?;
     }
+    if args.backend == BackendArg::Qemu {
+        printer.phase("pool daemon: lease over its socket");
+        report.daemon_lease = daemon_lease::measure(&printer, &root, &out_dir, args.quick)?;
+    }
     report.libvirt_two_hosts = Some(libvirt_hosts::measure(
         &printer,
         args.backend,
@@ -275,6 +280,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     if let Some(hosts) = &report.libvirt_two_hosts {
         println!("{}", hosts.render());
+    }
+    if let Some(lease) = &report.daemon_lease {
+        println!("{}", lease.render());
     }
     print_extra_rows(report.peers.as_ref(), report.nextest.as_ref());
     Ok(())

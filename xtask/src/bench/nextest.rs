@@ -282,10 +282,30 @@ fn measure_inner(printer: &Printer, setup: &Setup) -> Result<NextestReport, Stri
         printer.note(format!("{:.2} s, {} passed", run.wall_s, run.passed));
         timed.push(run);
     }
+    stop_daemon(printer, setup, &nextest, &setup.out_dir.join("nextest-daemon"));
     let [cargo_test, local, daemon]: [TimedRun; 3] = timed.try_into().expect("three runs");
     let mut report = NextestReport::new(version, setup.tests, cargo_test, local, daemon);
     report.duration_s = round3(started.elapsed().as_secs_f64());
     Ok(report)
+}
+
+/// Stops the pool daemon the `AGENTVM_POOL=daemon` run started (it would
+/// otherwise keep its VMs for its idle minute, into the rest of the bench).
+fn stop_daemon(printer: &Printer, setup: &Setup, nextest: &Path, artifacts: &Path) {
+    let args = ["run", "-q", "-p", "agentvm-cli", "--", "pool", "stop"].map(String::from);
+    let stopped = cargo_command(setup, nextest, artifacts, &args, None)
+        .and_then(|mut c| c.output().map_err(|e| e.to_string()))
+        .map_err(|e| format!("starting `agentvm pool stop`: {e}"))
+        .and_then(|out| {
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+            }
+        });
+    if let Err(why) = stopped {
+        printer.note(format!("could not stop the suite's pool daemon: {why}"));
+    }
 }
 
 /// `cargo args…` in the suite runs' environment.

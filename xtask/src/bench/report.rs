@@ -203,6 +203,8 @@ pub struct Report {
     pub nextest: Option<super::peers::Outcome<super::nextest::NextestReport>>,
     /// A pool over two libvirt hosts vs one (`skipped` says why not measured).
     pub libvirt_two_hosts: Option<super::libvirt_hosts::TwoHostsReport>,
+    /// A lease over the pool daemon's socket (`null`: not measured).
+    pub daemon_lease: Option<super::daemon_lease::DaemonLeaseReport>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -620,6 +622,7 @@ impl Report {
             peers: None,
             nextest: None,
             libvirt_two_hosts: None,
+            daemon_lease: None,
         };
         report.where_the_time_goes = report.explain();
         report
