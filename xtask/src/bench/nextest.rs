@@ -282,7 +282,12 @@ fn measure_inner(printer: &Printer, setup: &Setup) -> Result<NextestReport, Stri
         printer.note(format!("{:.2} s, {} passed", run.wall_s, run.passed));
         timed.push(run);
     }
-    stop_daemon(printer, setup, &nextest, &setup.out_dir.join("nextest-daemon"));
+    stop_daemon(
+        printer,
+        setup,
+        &nextest,
+        &setup.out_dir.join("nextest-daemon"),
+    );
     let [cargo_test, local, daemon]: [TimedRun; 3] = timed.try_into().expect("three runs");
     let mut report = NextestReport::new(version, setup.tests, cargo_test, local, daemon);
     report.duration_s = round3(started.elapsed().as_secs_f64());
