@@ -91,7 +91,9 @@ start() {
     hide=""
     for d in $HIDE; do
         case $d in /|/usr|/usr/*|/etc|/run|/var|/var/lib) continue ;; esac
-        [ -d "$d" ] && hide="$hide mount -t tmpfs -o size=1m,mode=0755 agentvm-host2-hidden '$d';"
+        # Checked again inside: a directory under one hidden before (the
+        # workspace under /tmp) is already out of sight and no mount point.
+        [ -d "$d" ] && hide="$hide if [ -d '$d' ]; then mount -t tmpfs -o size=1m,mode=0755 agentvm-host2-hidden '$d'; fi;"
     done
     # --kill-child: killing unshare kills the namespace's init (tini), and the
     # kernel then kills everything else in the PID namespace.

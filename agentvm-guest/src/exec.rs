@@ -39,6 +39,7 @@ pub fn user_env(passwd: &str, uid: u32) -> Vec<(String, String)> {
         })
         .unwrap_or_default()
 }
+use crate::cgroup::CommandCgroup;
 use crate::tree::Tree;
 
 /// After the main process exits, how long output is still drained (from
@@ -107,6 +108,7 @@ pub fn spawn(request: ExecRequest, roots: &Roots, reaper: &Reaper) -> Result<Spa
     }
     let env = command_env(std::env::vars_os(), request.clear_env, &cwd, &request_env);
     let counters_before = Counters::read();
+    let cgroup = CommandCgroup::create();
     let (child, exited) = reaper
         .spawn(&SpawnSpec {
             program,
@@ -115,6 +117,7 @@ pub fn spawn(request: ExecRequest, roots: &Roots, reaper: &Reaper) -> Result<Spa
             cwd: &cwd,
             stdin_pipe: !request.stdin.is_empty(),
             user,
+            cgroup: cgroup.as_ref().map(CommandCgroup::dir),
         })
         .map_err(|e| {
             error_reply(
@@ -124,7 +127,7 @@ pub fn spawn(request: ExecRequest, roots: &Roots, reaper: &Reaper) -> Result<Spa
         })?;
     let started = Instant::now();
     let pid = child.pid;
-    let tree = Arc::new(Tree::new(pid));
+    let tree = Arc::new(Tree::new(pid, cgroup));
 
     let pipes = (|| -> std::io::Result<_> {
         let stdin = match child.stdin {

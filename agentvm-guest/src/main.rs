@@ -20,6 +20,7 @@ macro_rules! log {
     };
 }
 
+mod cgroup;
 mod changes;
 mod counters;
 mod exec;

@@ -38,23 +38,38 @@ pub struct SpawnSpec<'a> {
     /// cannot change credentials, so the agent's own binary is spawned in
     /// its [`RUN_AS_ARG`] mode, which drops to the user and execs the program.
     pub user: Option<(u32, u32)>,
+    /// Start the command inside this cgroup (a directory under
+    /// `/sys/fs/cgroup`). posix_spawn cannot place a child in a cgroup, and
+    /// moving it after the spawn misses what it forked in between, so the
+    /// [`RUN_AS_ARG`] helper joins the cgroup itself before it execs.
+    pub cgroup: Option<&'a Path>,
 }
 
-/// First argument that makes `agentvm-guest` a tiny `setpriv`: drop to a
-/// uid/gid (no supplementary groups) and exec a program; see [`run_as_main`].
+/// First argument that makes `agentvm-guest` a tiny `setpriv`: join a cgroup
+/// and/or drop to a uid/gid (no supplementary groups), then exec a program;
+/// see [`run_as_main`].
 pub const RUN_AS_ARG: &str = "--agentvm-run-as";
 
-/// The argv of the run-as helper: `[RUN_AS_ARG, "uid:gid", path, argv0, args...]`.
+/// Written for "no change" in the helper's user and cgroup arguments.
+const KEEP: &str = "-";
+
+/// The argv of the run-as helper:
+/// `[RUN_AS_ARG, "uid:gid" | "-", cgroup | "-", path, argv0, args...]`.
 pub fn run_as_argv(
-    uid: u32,
-    gid: u32,
+    user: Option<(u32, u32)>,
+    cgroup: Option<&Path>,
     program: &Path,
     argv0: &str,
     args: &[String],
 ) -> Vec<Vec<u8>> {
     let mut v = vec![
         RUN_AS_ARG.as_bytes().to_vec(),
-        format!("{uid}:{gid}").into_bytes(),
+        user.map_or_else(|| KEEP.into(), |(uid, gid)| format!("{uid}:{gid}"))
+            .into_bytes(),
+        cgroup.map_or_else(
+            || KEEP.as_bytes().to_vec(),
+            |c| c.as_os_str().as_bytes().to_vec(),
+        ),
         program.as_os_str().as_bytes().to_vec(),
         argv0.as_bytes().to_vec(),
     ];
@@ -80,31 +95,47 @@ pub fn run_as_main() -> Option<i32> {
         eprintln!("agentvm-guest: {what}");
         Some(code)
     };
-    let (Some(user), Some(path), Some(_argv0)) = (args.get(2), args.get(3), args.get(4)) else {
-        return fail(127, format!("{RUN_AS_ARG} needs uid:gid, a path and argv"));
-    };
-    let Some((uid, gid)) = user.to_str().and_then(parse_user) else {
-        return fail(127, format!("{RUN_AS_ARG}: bad uid:gid {user:?}"));
-    };
-    // SAFETY: plain syscalls with valid arguments (a NULL list with size 0).
-    let dropped = unsafe {
-        libc::setgroups(0, std::ptr::null()) == 0
-            && libc::setgid(gid) == 0
-            && libc::setuid(uid) == 0
-    };
-    if !dropped {
+    let (Some(user), Some(cgroup), Some(path), Some(_argv0)) =
+        (args.get(2), args.get(3), args.get(4), args.get(5))
+    else {
         return fail(
-            126,
-            format!(
-                "cannot switch to uid {uid} gid {gid}: {}",
-                io::Error::last_os_error()
-            ),
+            127,
+            format!("{RUN_AS_ARG} needs uid:gid, a cgroup, a path and argv"),
         );
+    };
+    if cgroup.as_bytes() != KEEP.as_bytes() {
+        // "0" is the writing process: this one, before it execs.
+        if let Err(e) = std::fs::write(Path::new(cgroup).join("cgroup.procs"), "0") {
+            return fail(
+                126,
+                format!("cannot join cgroup {}: {e}", Path::new(cgroup).display()),
+            );
+        }
+    }
+    if user.as_bytes() != KEEP.as_bytes() {
+        let Some((uid, gid)) = user.to_str().and_then(parse_user) else {
+            return fail(127, format!("{RUN_AS_ARG}: bad uid:gid {user:?}"));
+        };
+        // SAFETY: plain syscalls with valid arguments (a NULL list with size 0).
+        let dropped = unsafe {
+            libc::setgroups(0, std::ptr::null()) == 0
+                && libc::setgid(gid) == 0
+                && libc::setuid(uid) == 0
+        };
+        if !dropped {
+            return fail(
+                126,
+                format!(
+                    "cannot switch to uid {uid} gid {gid}: {}",
+                    io::Error::last_os_error()
+                ),
+            );
+        }
     }
     let Ok(c_path) = CString::new(path.as_bytes()) else {
         return fail(127, "program path holds a NUL byte".into());
     };
-    let Ok(c_args) = args[4..]
+    let Ok(c_args) = args[5..]
         .iter()
         .map(|a| CString::new(a.as_bytes()))
         .collect::<Result<Vec<_>, _>>()
@@ -298,15 +329,9 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<SpawnedChild> {
         .map(|(_, v)| v.as_os_str());
     let argv0 = c_string(spec.program.as_bytes(), "the program name")?;
     let program = find_program(spec.program, path_var, spec.cwd)?;
-    let (c_program, argv) = match spec.user {
-        Some((uid, gid)) if (uid, gid) != current_user() => {
-            let mut argv = vec![c_string(b"agentvm-guest", "the program name")?];
-            for a in run_as_argv(uid, gid, &program, spec.program, spec.args) {
-                argv.push(c_string(&a, "an argument")?);
-            }
-            (c_string(b"/proc/self/exe", "the helper path")?, argv)
-        }
-        _ => {
+    let user = spec.user.filter(|&user| user != current_user());
+    let (c_program, argv) = match (user, spec.cgroup) {
+        (None, None) => {
             let mut argv = vec![argv0];
             for arg in spec.args {
                 argv.push(c_string(arg.as_bytes(), "an argument")?);
@@ -315,6 +340,13 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> io::Result<SpawnedChild> {
                 c_string(program.as_os_str().as_bytes(), "the program path")?,
                 argv,
             )
+        }
+        (user, cgroup) => {
+            let mut argv = vec![c_string(b"agentvm-guest", "the program name")?];
+            for a in run_as_argv(user, cgroup, &program, spec.program, spec.args) {
+                argv.push(c_string(&a, "an argument")?);
+            }
+            (c_string(b"/proc/self/exe", "the helper path")?, argv)
         }
     };
     let mut envp = Vec::with_capacity(spec.env.len());
@@ -502,6 +534,7 @@ mod tests {
             cwd: &cwd,
             stdin_pipe: true,
             user: None,
+            cgroup: None,
         })
         .unwrap();
         let mut stdin = std::fs::File::from(child.stdin.unwrap());
@@ -531,20 +564,38 @@ mod tests {
 
     #[test]
     fn run_as_helper_argv_and_user_parsing() {
+        let strings = |argv: Vec<Vec<u8>>| -> Vec<String> {
+            argv.into_iter()
+                .map(|a| String::from_utf8(a).unwrap())
+                .collect()
+        };
         let argv = run_as_argv(
-            1000,
-            1001,
+            Some((1000, 1001)),
+            None,
             Path::new("/usr/bin/git"),
             "git",
             &["init".into()],
         );
-        let argv: Vec<String> = argv
-            .into_iter()
-            .map(|a| String::from_utf8(a).unwrap())
-            .collect();
         assert_eq!(
-            argv,
-            [RUN_AS_ARG, "1000:1001", "/usr/bin/git", "git", "init"]
+            strings(argv),
+            [RUN_AS_ARG, "1000:1001", "-", "/usr/bin/git", "git", "init"]
+        );
+        let argv = run_as_argv(
+            None,
+            Some(Path::new("/sys/fs/cgroup/agentvm-cmd-1-0")),
+            Path::new("/bin/true"),
+            "true",
+            &[],
+        );
+        assert_eq!(
+            strings(argv),
+            [
+                RUN_AS_ARG,
+                "-",
+                "/sys/fs/cgroup/agentvm-cmd-1-0",
+                "/bin/true",
+                "true"
+            ]
         );
         assert_eq!(parse_user("1000:1000"), Some((1000, 1000)));
         assert_eq!(parse_user("0:0"), Some((0, 0)));
@@ -563,6 +614,7 @@ mod tests {
             cwd: &cwd,
             stdin_pipe: false,
             user: None,
+            cgroup: None,
         };
         let e = spawn(&spec("/no/such/program")).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::NotFound, "{e}");

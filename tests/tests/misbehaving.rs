@@ -283,12 +283,9 @@ async fn background_children_holding_stdout(vm: &mut Vm) -> TestResult {
 
 /// A child that leaves the agent's process group and session at once
 /// (`(setsid sleep 102 &)`, reparented to init before the guest's tree scan
-/// sees it): the run still returns at the agent's exit, and the child must
-/// not outlive it.
-#[agent_vm_test(
-    timeout = "90s",
-    ignore = "defect: a child that calls setsid and is orphaned before the guest's 500 ms process-tree scan escapes the run's kill and survives until the revert (agentvm-guest/src/tree.rs)"
-)]
+/// sees it): the run still returns at the agent's exit, and the child does
+/// not outlive it (the command's cgroup in the guest finds it).
+#[agent_vm_test(timeout = "90s")]
 async fn daemonized_child_is_killed_with_the_run(vm: &mut Vm) -> TestResult {
     let agent = sh("(setsid sleep 102 &); echo started").timeout(Duration::from_secs(60));
     let started = Instant::now();

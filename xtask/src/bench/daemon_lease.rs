@@ -13,7 +13,6 @@ use serde::{Deserialize, Serialize};
 
 use super::progress::Printer;
 use super::stats::Summary;
-use crate::util::show_command;
 
 /// Leases measured (`--quick`: fewer).
 const LEASES: usize = 100;
@@ -129,31 +128,8 @@ pub fn measure(
 }
 
 fn build(root: &Path) -> Result<PathBuf> {
-    let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    command
-        .current_dir(root)
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "bench-suite",
-            "--bin",
-            "agentvm-lease-bench",
-            "--message-format=json-render-diagnostics",
-        ])
-        .stderr(Stdio::inherit());
-    let shown = show_command(&command);
-    let out = command
-        .output()
-        .with_context(|| format!("could not start `{shown}`"))?;
-    if !out.status.success() {
-        bail!("`{shown}` failed ({})", out.status);
-    }
-    super::suite::executables(&String::from_utf8_lossy(&out.stdout))
-        .into_iter()
-        .find(|(name, test, _)| name == "agentvm-lease-bench" && !test)
-        .map(|(_, _, path)| path)
-        .with_context(|| format!("`{shown}` did not report the agentvm-lease-bench executable"))
+    super::build_bench_suite(root, &["--bin", "agentvm-lease-bench"], &[])?
+        .find("agentvm-lease-bench", false)
 }
 
 #[cfg(test)]

@@ -85,7 +85,8 @@ pub struct BenchArgs {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=REGISTERED_TESTS as i64))]
     pub suite_tests: Option<u16>,
     /// Measure only these rows (repeatable), without agentvm's own: their
-    /// ratios against agentvm are then left out. The JSON goes to
+    /// ratios against agentvm are then left out (the two-host row is its own
+    /// comparison, one host vs two). The JSON goes to
     /// target/agentvm/bench-only.json unless --json says otherwise.
     #[arg(long, value_enum, value_name = "ROWS")]
     pub only: Vec<Only>,
@@ -93,12 +94,15 @@ pub struct BenchArgs {
 
 /// Rows `--only` can select.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub enum Only {
     /// Docker and vmtest ([`peers`]).
     Peers,
     /// The suite under cargo-nextest ([`nextest`]).
     Nextest,
+    /// A pool over two libvirt hosts vs one ([`libvirt_hosts`]; needs
+    /// `--backend libvirt`).
+    LibvirtHosts,
 }
 
 /// Sample counts of a run.
@@ -341,6 +345,7 @@ struct OnlyReport {
     note: String,
     peers: Option<peers::PeersReport>,
     nextest: Option<peers::Outcome<nextest::NextestReport>>,
+    libvirt_two_hosts: Option<libvirt_hosts::TwoHostsReport>,
 }
 
 /// `--only`: the selected rows alone (no agentvm rows, so no ratios).
@@ -364,6 +369,20 @@ fn run_only(
         .only
         .contains(&Only::Nextest)
         .then(|| nextest::measure(printer, &nextest_setup(args, root, out_dir, plan)));
+    let libvirt_two_hosts = if args.only.contains(&Only::LibvirtHosts) {
+        printer.phase("building examples/bench-suite (release): the trivial suite");
+        let programs = build(root, args.backend)?;
+        Some(libvirt_hosts::measure(
+            printer,
+            args.backend,
+            root,
+            out_dir,
+            &programs.suite,
+            plan.suite_tests,
+        ))
+    } else {
+        None
+    };
     let report = OnlyReport {
         schema_version: report::SCHEMA_VERSION,
         tool: "cargo xtask bench --only".into(),
@@ -374,9 +393,13 @@ fn run_only(
         note: "agentvm's own rows were not measured (--only): no ratios against agentvm".into(),
         peers,
         nextest,
+        libvirt_two_hosts,
     };
     write_json(&json_path, &report)?;
     printer.phase(format!("report written to {}", json_path.display()));
+    if let Some(hosts) = &report.libvirt_two_hosts {
+        println!("{}", hosts.render());
+    }
     print_extra_rows(report.peers.as_ref(), report.nextest.as_ref());
     Ok(())
 }
@@ -453,24 +476,50 @@ struct Programs {
 
 /// Builds the measuring program and the suite's test binary; returns their paths.
 fn build(root: &Path, backend: BackendArg) -> Result<Programs> {
+    let features: &[&str] = if backend == BackendArg::Libvirt {
+        &["--features", "libvirt"]
+    } else {
+        &[]
+    };
+    let found = build_bench_suite(
+        root,
+        &["--bin", "agentvm-bench", "--test", "trivial"],
+        features,
+    )?;
+    Ok(Programs {
+        bench: found.find("agentvm-bench", false)?,
+        suite: found.find("trivial", true)?,
+    })
+}
+
+/// The executables a `cargo build` reported.
+pub struct Built {
+    command: String,
+    executables: Vec<(String, bool, PathBuf)>,
+}
+
+impl Built {
+    /// The path of executable `name` (a test binary when `test`).
+    pub fn find(&self, name: &str, test: bool) -> Result<PathBuf> {
+        self.executables
+            .iter()
+            .find(|(n, t, _)| n == name && *t == test)
+            .map(|(_, _, path)| path.clone())
+            .with_context(|| format!("`{}` did not report the {name} executable", self.command))
+    }
+}
+
+/// `cargo build --release -p bench-suite TARGETS… FEATURES…`, compiler
+/// messages on stderr.
+pub fn build_bench_suite(root: &Path, targets: &[&str], features: &[&str]) -> Result<Built> {
     let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     command
         .current_dir(root)
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "bench-suite",
-            "--bin",
-            "agentvm-bench",
-            "--test",
-            "trivial",
-            "--message-format=json-render-diagnostics",
-        ])
+        .args(["build", "--release", "-p", "bench-suite"])
+        .args(targets)
+        .arg("--message-format=json-render-diagnostics")
+        .args(features)
         .stderr(Stdio::inherit());
-    if backend == BackendArg::Libvirt {
-        command.args(["--features", "libvirt"]);
-    }
     let shown = show_command(&command);
     let out = command
         .output()
@@ -478,17 +527,9 @@ fn build(root: &Path, backend: BackendArg) -> Result<Programs> {
     if !out.status.success() {
         bail!("`{shown}` failed ({})", out.status);
     }
-    let found = suite::executables(&String::from_utf8_lossy(&out.stdout));
-    let find = |name: &str, test: bool| {
-        found
-            .iter()
-            .find(|(n, t, _)| n == name && *t == test)
-            .map(|(_, _, path)| path.clone())
-            .with_context(|| format!("`{shown}` did not report the {name} executable"))
-    };
-    Ok(Programs {
-        bench: find("agentvm-bench", false)?,
-        suite: find("trivial", true)?,
+    Ok(Built {
+        executables: suite::executables(&String::from_utf8_lossy(&out.stdout)),
+        command: shown,
     })
 }
 

@@ -113,7 +113,7 @@ use self::placement::HostLoad;
 use self::remote_io::{ChannelProxy, ConsolePump};
 use super::qemu::accel::{self, AccelDecision, ResolvedAccel};
 use super::qemu::rundir::{self, ProcessStamp, VmPaths};
-use super::qemu::{argv, find_program};
+use super::qemu::{create_state_disk, find_program};
 use super::{
     Backend, BackendError, BoxedChannel, FromConfig, Machine, MachineState, RevertOutcome,
 };
@@ -673,24 +673,13 @@ impl LibvirtBackend {
         // What the domain XML points at: this machine's files for a local
         // host; volumes of agentvm's pool (uploaded when missing) for a remote one.
         let (remote_spec, state_disk) = if host.local {
-            let args = argv::state_disk_create_args(&machine.paths.state_disk, self.state_disk_mib)
-                .map_err(|e| control(&id, "creating the state disk", e.to_string()))?;
-            let output = tokio::process::Command::new(&self.qemu_img)
-                .args(&args)
-                .kill_on_drop(true)
-                .output()
-                .await
-                .map_err(|source| BackendError::Spawn {
-                    what: self.qemu_img.display().to_string(),
-                    source,
-                })?;
-            if !output.status.success() {
-                return Err(control(
-                    &id,
-                    "qemu-img create",
-                    String::from_utf8_lossy(&output.stderr).trim().to_owned(),
-                ));
-            }
+            create_state_disk(
+                &self.qemu_img,
+                &machine.paths.state_disk,
+                self.state_disk_mib,
+                &id,
+            )
+            .await?;
             (None, machine.paths.state_disk.clone())
         } else {
             let image = self

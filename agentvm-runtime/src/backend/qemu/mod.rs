@@ -461,29 +461,13 @@ impl QemuBackend {
     }
 
     async fn create_state_disk(&self, machine: &QemuMachine) -> Result<(), BackendError> {
-        let args = argv::state_disk_create_args(&machine.paths.state_disk, self.state_disk_mib)
-            .map_err(|e| control(&machine.id, "creating the state disk", e.to_string()))?;
-        let output = tokio::process::Command::new(&self.qemu_img)
-            .args(&args)
-            .kill_on_drop(true)
-            .output()
-            .await
-            .map_err(|source| BackendError::Spawn {
-                what: self.qemu_img.display().to_string(),
-                source,
-            })?;
-        if !output.status.success() {
-            return Err(control(
-                &machine.id,
-                "qemu-img create",
-                format!(
-                    "{}: {}",
-                    describe_exit(output.status),
-                    String::from_utf8_lossy(&output.stderr).trim()
-                ),
-            ));
-        }
-        Ok(())
+        create_state_disk(
+            &self.qemu_img,
+            &machine.paths.state_disk,
+            self.state_disk_mib,
+            &machine.id,
+        )
+        .await
     }
 }
 
@@ -1046,6 +1030,39 @@ fn control(vm: &str, operation: &str, message: String) -> BackendError {
 
 fn io_error(context: String, source: std::io::Error) -> BackendError {
     BackendError::Io { context, source }
+}
+
+/// Creates VM `vm`'s snapshot-state qcow2 at `path` with `qemu_img` (both
+/// backends keep their local VMs' snapshots in one).
+pub(crate) async fn create_state_disk(
+    qemu_img: &Path,
+    path: &Path,
+    size_mib: u32,
+    vm: &str,
+) -> Result<(), BackendError> {
+    let args = argv::state_disk_create_args(path, size_mib)
+        .map_err(|e| control(vm, "creating the state disk", e.to_string()))?;
+    let output = tokio::process::Command::new(qemu_img)
+        .args(&args)
+        .kill_on_drop(true)
+        .output()
+        .await
+        .map_err(|source| BackendError::Spawn {
+            what: qemu_img.display().to_string(),
+            source,
+        })?;
+    if !output.status.success() {
+        return Err(control(
+            vm,
+            "qemu-img create",
+            format!(
+                "{}: {}",
+                describe_exit(output.status),
+                String::from_utf8_lossy(&output.stderr).trim()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Finds `program` on `PATH` (an executable regular file).
