@@ -147,6 +147,16 @@ pub fn run_as_main() -> Option<i32> {
         .map(|a| a.as_ptr())
         .chain(std::iter::once(std::ptr::null()))
         .collect();
+    // The program must start as posix_spawn would start it: Rust's runtime
+    // set SIGPIPE to "ignore" in this helper, and ignored signals survive
+    // execv (`yes | head` then never ends: `yes` is not killed by SIGPIPE).
+    // SAFETY: resetting dispositions to SIG_DFL has no preconditions;
+    // SIGKILL and SIGSTOP are refused with EINVAL, which is harmless.
+    unsafe {
+        for signal in 1..libc::SIGRTMIN() {
+            libc::signal(signal, libc::SIG_DFL);
+        }
+    }
     // SAFETY: NUL-terminated strings and a NULL-terminated array that live
     // across the call; execv only returns on failure.
     unsafe { libc::execv(c_path.as_ptr(), ptrs.as_ptr()) };
