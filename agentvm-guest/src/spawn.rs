@@ -222,7 +222,22 @@ pub fn find_program(program: &str, path: Option<&OsStr>, cwd: &Path) -> io::Resu
         ));
     }
     if program.contains('/') {
-        return Ok(PathBuf::from(program));
+        // Checked here, not left to the exec: a command started through the
+        // run-as helper would report a missing program as exit code 127
+        // instead of a spawn error.
+        // What the agent itself cannot see (another user's files) is left
+        // to the exec as that user.
+        use std::os::unix::fs::PermissionsExt;
+        match std::fs::metadata(cwd.join(program)) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(e),
+            Ok(m) if !m.is_file() || m.permissions().mode() & 0o111 == 0 => {
+                return Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    format!("{program:?} is not an executable file"),
+                ))
+            }
+            _ => return Ok(PathBuf::from(program)),
+        }
     }
     let path = path.unwrap_or(OsStr::new(DEFAULT_PATH));
     for dir in path.as_bytes().split(|&b| b == b':') {
@@ -517,9 +532,15 @@ mod tests {
             tool
         );
         assert_eq!(
-            find_program("./x/y", None, dir.path()).unwrap(),
-            PathBuf::from("./x/y")
+            find_program("./bin/tool", None, dir.path()).unwrap(),
+            PathBuf::from("./bin/tool")
         );
+        // A path that is missing or not executable is an error here, not an
+        // exit code of the exec.
+        let e = find_program("./x/y", None, dir.path()).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::NotFound, "{e}");
+        let e = find_program("./bin/plain", None, dir.path()).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{e}");
         assert!(find_program("", None, dir.path()).is_err());
     }
 
