@@ -35,20 +35,12 @@ use crate::{busybox, guest, initramfs, kernel, modules, recipe, Error};
 /// is busy, marks it unstable and falls back to the 4 ms `refined-jiffies`
 /// clocksource. Harmless under KVM (kvm-clock is preferred there).
 ///
-/// `init_on_free=1`: the kernel zeroes pages when they are freed (the
-/// compressed initramfs after unpacking, boot-time allocations), and QEMU
-/// saves a zero page as a flag, not 4 KiB. The default image's golden
-/// snapshot shrinks from 95 to 58 MiB of VM state (`qemu-img snapshot -l`
-/// on a golden-cache entry), so every `loadvm` reads and copies less: restore
-/// p50 fell ~20% in interleaved `agentvm-bench` runs here. It also means freed
-/// guest memory holds no stale data at the snapshot.
-///
 /// Not here because it is host-specific: under TCG the backend should append
 /// `tsc_early_khz=<host TSC kHz>`. Without it, when the host is loaded, the
 /// PIT calibration fails ("tsc: Unable to calibrate against PIT ... Marking
 /// TSC unstable") and `-M microvm` (no HPET/ACPI PM timer to fall back to)
 /// hangs for good before userspace.
-pub const CMDLINE: &str = "console=ttyS0 panic=1 quiet tsc=reliable init_on_free=1";
+pub const CMDLINE: &str = "console=ttyS0 panic=1 quiet tsc=reliable";
 /// The virtio-serial port the guest agent serves (see images/init).
 pub const VIRTIO_PORT: &str = "org.agentvm.ctl";
 /// Where the guest agent lives in the image.
