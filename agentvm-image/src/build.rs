@@ -25,7 +25,7 @@ use crate::progress::{Event, Progress};
 use crate::rootfs::{self, RootfsFormat, RootfsInputs};
 use crate::source::SourceTree;
 use crate::util::{rfc3339_utc, sha256_file, sha256_hex, write_atomic};
-use crate::{busybox, guest, initramfs, kernel, modules, recipe, Error};
+use crate::{boot_header, busybox, guest, initramfs, kernel, modules, recipe, Error};
 
 /// Kernel command line for the image. `quiet` keeps the serial console to
 /// the init script's and the agent's lines; drop it by hand to debug a boot.
@@ -461,8 +461,10 @@ fn build(
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("remove {}", manifest_path.display())),
     }
-    let vmlinuz =
+    let mut vmlinuz =
         fs::read(&kernel.vmlinuz).with_context(|| format!("read {}", kernel.vmlinuz.display()))?;
+    boot_header::cap_initrd_addr_max(&mut vmlinuz, boot_header::INITRD_ADDR_MAX)
+        .with_context(|| format!("cap the initrd address of {}", kernel.vmlinuz.display()))?;
     write_atomic(&out_dir.join(VMLINUZ), &vmlinuz)?;
     write_atomic(&out_dir.join(INITRAMFS), &gz)?;
     let rootfs_manifest = match &rootfs_built {

@@ -27,6 +27,7 @@
 
 #![warn(missing_docs)]
 
+mod boot_header;
 pub mod build;
 mod busybox;
 mod cpio;

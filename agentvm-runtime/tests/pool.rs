@@ -8,35 +8,10 @@ use std::time::Duration;
 
 use agentvm_runtime::backend::mock::MockBackend;
 use agentvm_runtime::command::Command;
-use agentvm_runtime::pool::{PoolConfig, PoolError, ReleaseOutcome, VmPool};
-use agentvm_runtime::spec::{Accel, ImagePaths, NetworkMode, ResourceProfile, VmSpec};
+use agentvm_runtime::pool::{PoolError, ReleaseOutcome, VmPool};
 
-fn spec() -> VmSpec {
-    VmSpec {
-        image: ImagePaths {
-            name: "mock".into(),
-            kernel: "/nonexistent/vmlinuz".into(),
-            initramfs: "/nonexistent/initramfs".into(),
-            cmdline: String::new(),
-            rootfs: None,
-        },
-        profile: ResourceProfile::Minimal,
-        network: NetworkMode::Isolated,
-        accel: Accel::Tcg,
-        boot_timeout: Duration::from_secs(5),
-    }
-}
-
-fn config(min_size: usize, max_size: usize) -> PoolConfig {
-    PoolConfig {
-        min_size,
-        max_size,
-        max_uses: None,
-        ttl: None,
-        health_interval: None,
-        spec: spec(),
-    }
-}
+mod mock_pool;
+use mock_pool::config;
 
 const WAIT: Duration = Duration::from_secs(5);
 

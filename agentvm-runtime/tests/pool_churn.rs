@@ -1,4 +1,4 @@
-//! The pool under churn from two threads (its own binary: the mock's VM
+//! The pool under churn from eight threads (its own binary: the mock's VM
 //! names would collide with the event recorders of `tests/pool.rs`).
 
 use std::sync::atomic::Ordering;
@@ -6,33 +6,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agentvm_runtime::backend::mock::MockBackend;
-use agentvm_runtime::pool::{PoolConfig, VmPool};
-use agentvm_runtime::spec::{Accel, ImagePaths, NetworkMode, ResourceProfile, VmSpec};
+use agentvm_runtime::pool::VmPool;
+
+mod mock_pool;
+use mock_pool::config;
 
 const WAIT: Duration = Duration::from_secs(5);
-
-fn config(min_size: usize, max_size: usize) -> PoolConfig {
-    PoolConfig {
-        min_size,
-        max_size,
-        max_uses: None,
-        ttl: None,
-        health_interval: None,
-        spec: VmSpec {
-            image: ImagePaths {
-                name: "mock".into(),
-                kernel: "/nonexistent/vmlinuz".into(),
-                initramfs: "/nonexistent/initramfs".into(),
-                cmdline: String::new(),
-                rootfs: None,
-            },
-            profile: ResourceProfile::Minimal,
-            network: NetworkMode::Isolated,
-            accel: Accel::Tcg,
-            boot_timeout: Duration::from_secs(5),
-        },
-    }
-}
 
 /// A VM on its way back (reverted, or just booted) must stay counted until it
 /// is idle or handed over: an acquire in that instant once saw the pool below
