@@ -10,7 +10,7 @@ use crate::util::sha256_hex;
 /// Bump when the image layout changes in a way the inputs do not capture
 /// (initramfs tree, cpio/gzip settings, the kernel's patched boot header,
 /// manifest semantics). Part of the key.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 
 /// Everything that determines the image's bytes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
